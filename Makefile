@@ -1,0 +1,22 @@
+# The two commands of README.md:
+#   make smoke   set up .venv and run the main job on the embedded default (CPU, minutes)
+#   make test    set up .venv (and the local Slurm cluster) and run every test tier but `gpu`
+PY := .venv/bin/python
+
+.PHONY: setup smoke test slurm-up slurm-down
+
+setup:
+	bash scripts/setup.sh
+
+smoke: setup
+	$(PY) experiments/qwen_lora_ja.py --executor local --smoke
+
+slurm-up:
+	bash slurm/local/install.sh
+	bash slurm/local/start.sh
+
+slurm-down:
+	bash slurm/local/stop.sh
+
+test: setup slurm-up
+	$(PY) -m pytest -m "not gpu"

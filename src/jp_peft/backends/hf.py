@@ -1,0 +1,316 @@
+"""The Hugging Face backend: the spec's LoRA stage trained with transformers + peft + Lightning.
+
+Runs on CPU or one GPU (bf16 where the GPU has it). Same spec, same prepared data and the
+same outputs as the Megatron backend: hf_adapter/, hf_merged/, metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from jp_peft.backends.hf_data import BlendedBlocks, EvalBlocks, SFTDataset, packed_attention_mask
+from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
+
+
+def lora_config(lora: LoraSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def resolve_precision(requested: str) -> str:
+    """bf16 only where the hardware has it; CPUs train in fp32 (bf16 autocast there is slower, not faster)."""
+    if requested.startswith("bf16") and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return "32-true"
+    return requested
+
+
+class OffsetSampler(torch.utils.data.Sampler):
+    """Indices start..len-1 in order: a resumed run starts at global_step * global_batch_size."""
+
+    def __init__(self, length: int, start: int):
+        self.length, self.start = length, start
+
+    def __iter__(self):
+        return iter(range(self.start, self.length))
+
+    def __len__(self) -> int:
+        return self.length - self.start
+
+
+class LoraLanguageModel(pl.LightningModule):
+    def __init__(self, base_dir: str, lora: LoraSpec, train_spec: TrainSpec, train_set: Dataset,
+                 val_sets: dict[str, Dataset], dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=dtype)
+        self.model = get_peft_model(base, lora_config(lora))
+        self.train_spec = train_spec
+        self.train_set, self.val_sets = train_set, val_sets
+        self.val_names = list(val_sets)
+        self.base_val: dict[str, float] = {}
+        self.val_history: list[dict[str, Any]] = []
+        self.last_batch_tokens = 0
+        self.completed_optimizer_step = False
+        self.consumed_tokens = 0
+        # Only LoRA weights go into checkpoints; the frozen base is reloaded from base_dir.
+        self.strict_loading = False
+
+    # --- data --------------------------------------------------------------------------
+    def train_dataloader(self):
+        start = self.trainer.global_step * self.train_spec.global_batch_size
+        return DataLoader(self.train_set, batch_size=self.train_spec.micro_batch_size,
+                          sampler=OffsetSampler(len(self.train_set), start), num_workers=0)
+
+    def val_dataloader(self):
+        return [DataLoader(self.val_sets[name], batch_size=self.train_spec.micro_batch_size, num_workers=0)
+                for name in self.val_names]
+
+    # --- steps -------------------------------------------------------------------------
+    def forward_loss(self, batch) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over the labelled tokens, and their count."""
+        kwargs = {"input_ids": batch["input_ids"]}
+        if "segment_ids" in batch:  # packed SFT: block-diagonal causal mask, positions restart per example
+            kwargs["attention_mask"] = packed_attention_mask(batch["segment_ids"], self.model.dtype)
+            kwargs["position_ids"] = batch["position_ids"]
+        logits = self.model(**kwargs).logits.float()
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return loss, int((labels != -100).sum())
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.forward_loss(batch)
+        real = batch["segment_ids"] > 0 if "segment_ids" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+        self.last_batch_tokens = int(real.sum())
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val_sums = {name: [0.0, 0] for name in self.val_names}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        loss, count = self.forward_loss(batch)
+        acc = self._val_sums[self.val_names[dataloader_idx]]
+        acc[0] += float(loss) * count
+        acc[1] += count
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:
+            return
+        row = {"trainer/global_step": self.trainer.global_step}
+        for name, (total, count) in self._val_sums.items():
+            loss = total / max(count, 1)
+            row[f"val/{name}_loss"] = loss
+            row[f"val/{name}_ppl"] = math.exp(loss)
+            if name in self.base_val:
+                base_ppl = math.exp(self.base_val[name])
+                key = "gain" if name == "ja" else "forgetting"
+                # gain: how much lower Japanese ppl is than the base's; forgetting: how much higher English ppl is.
+                row[f"val/{name}_ppl_{key}"] = (base_ppl - math.exp(loss)) / base_ppl if key == "gain" \
+                    else (math.exp(loss) - base_ppl) / base_ppl
+        self.val_history.append(row)
+        self.log("val_loss", row.get("val/ja_loss", next(iter(self._val_sums.values()))[0]), prog_bar=True)
+        for logger in self.trainer.loggers:
+            logger.log_metrics({k: v for k, v in row.items() if k != "trainer/global_step"}, step=self.trainer.global_step)
+
+    @torch.no_grad()
+    def evaluate(self, name: str, disable_adapter: bool = False) -> float:
+        """Validation loss on one held-out set, optionally with the adapter off (= the base model)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        loader = DataLoader(self.val_sets[name], batch_size=self.train_spec.micro_batch_size)
+        ctx = self.model.disable_adapter() if disable_adapter else _nullcontext()
+        with ctx:
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                loss, n = self.forward_loss(batch)
+                total += float(loss) * n
+                count += n
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    # --- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self):
+        spec = self.train_spec
+        params = [p for p in self.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98), eps=1e-5)
+
+        def cosine_with_warmup(step: int) -> float:
+            if step < spec.warmup_steps:
+                return (step + 1) / (spec.warmup_steps + 1)
+            progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.max_steps - spec.warmup_steps))
+            floor = spec.min_lr / spec.lr
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, cosine_with_warmup)
+        return {"optimizer": optim, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- checkpoints hold the adapter only ---------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["jp_peft"] = {"base_val": self.base_val, "val_history": self.val_history,
+                                 "consumed_tokens": self.consumed_tokens}
+
+    def on_load_checkpoint(self, checkpoint):
+        extra = checkpoint.get("jp_peft", {})
+        self.base_val = extra.get("base_val", {})
+        self.val_history = extra.get("val_history", [])
+        self.consumed_tokens = extra.get("consumed_tokens", 0)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def build_datasets(spec: ExperimentSpec, stage: str, tokenizer, paths: dict[str, Any]):
+    """Training set and {ja, en} validation sets of a stage, from prepared files."""
+    stage_spec = spec.stage(stage)
+    data, train = stage_spec.data, stage_spec.train
+    num_samples = train.max_steps * train.global_batch_size
+    if stage == "cpt":
+        train_set = BlendedBlocks(paths["blend_prefixes"], data.blend_weights(), data.seq_length, num_samples, train.seed)
+    else:
+        train_set = SFTDataset(paths["sft_train"], tokenizer, data.seq_length, num_samples, train.seed,
+                               data.packing, tokenizer.pad_token_id or tokenizer.eos_token_id)
+    val_sets = {lang: EvalBlocks(paths[f"val_{lang}"], data.seq_length, train.limit_val_batches * train.micro_batch_size)
+                for lang in ("ja", "en")}
+    return train_set, val_sets
+
+
+def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path, paths: dict[str, Any],
+                loggers: list, callbacks: list, flops_per_token_fn) -> dict[str, Any]:
+    """Train one LoRA stage; returns the metrics (also written to stage_dir/metrics.json)."""
+    from transformers import AutoTokenizer
+
+    from jp_peft.callbacks.preemption import PreemptionCheckpoint
+    from jp_peft.callbacks.step_metrics import StepMetrics
+
+    stage_spec = spec.stage(stage)
+    train = stage_spec.train
+    if spec.cluster.world_size != 1:
+        raise ValueError("cluster: the hf backend trains on one device; use the megatron backend for "
+                         f"{spec.cluster.world_size} devices")
+    pl.seed_everything(train.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(False)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train_set, val_sets = build_datasets(spec, stage, tokenizer, paths)
+    precision = resolve_precision(train.precision)
+    module = LoraLanguageModel(base_dir, spec.lora, train, train_set, val_sets)
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.model.parameters())
+
+    ckpt_dir = stage_dir / "checkpoints"
+    resume_from = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else None
+    if resume_from is None:  # the base's own perplexities, before any training of this stage
+        module.base_val = {lang: module.evaluate(lang, disable_adapter=True) for lang in val_sets}
+        (stage_dir / "train_log.jsonl").unlink(missing_ok=True)
+
+    accumulate = train.global_batch_size // train.micro_batch_size
+    step_metrics = StepMetrics(stage_dir / "train_log.jsonl", flops_per_token_fn(module.model, stage_spec))
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
+                                              every_n_train_steps=train.ckpt_every_n_steps, save_top_k=-1, save_last=True)
+    trainer = pl.Trainer(
+        accelerator="auto", devices=1, precision=precision, max_steps=train.max_steps, max_epochs=-1,
+        accumulate_grad_batches=accumulate, gradient_clip_val=train.grad_clip or None,
+        val_check_interval=train.val_check_interval * accumulate, check_val_every_n_epoch=None,
+        limit_val_batches=train.limit_val_batches, num_sanity_val_steps=0, logger=loggers or False,
+        callbacks=[step_metrics, checkpoint, PreemptionCheckpoint(ckpt_dir / "last.ckpt"), *callbacks],
+        enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False, default_root_dir=str(stage_dir),
+        deterministic=False, use_distributed_sampler=False,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+    if trainer.global_step < train.max_steps:
+        raise RuntimeError(f"{stage}: stopped at step {trainer.global_step} of {train.max_steps} "
+                           f"(preempted?); rerun to resume from {ckpt_dir / 'last.ckpt'}")
+
+    final = {lang: module.evaluate(lang) for lang in val_sets}
+    log = [json.loads(line) for line in open(stage_dir / "train_log.jsonl", encoding="utf-8")]
+    tokens = sum(r["perf/tokens_per_s"] * r["perf/step_time_s"] for r in log)
+    seconds = sum(r["perf/step_time_s"] for r in log)
+    metrics = {
+        "stage": stage,
+        "backend": "hf",
+        "steps": trainer.global_step,
+        "train_loss_first": log[0]["train/loss"],
+        "train_loss_last": log[-1]["train/loss"],
+        "val_loss_ja": final["ja"], "val_ppl_ja": math.exp(final["ja"]),
+        "val_loss_en": final["en"], "val_ppl_en": math.exp(final["en"]),
+        "base_val_loss_ja": module.base_val["ja"], "base_val_ppl_ja": math.exp(module.base_val["ja"]),
+        "base_val_loss_en": module.base_val["en"], "base_val_ppl_en": math.exp(module.base_val["en"]),
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "consumed_tokens": log[-1]["perf/consumed_tokens"],
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "wall_seconds": wall,
+        "precision": precision,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "val_history": module.val_history,
+    }
+    if isinstance(train_set, BlendedBlocks):
+        metrics["blend_epochs"] = dict(zip([b.name for b in stage_spec.data.blend], train_set.epochs()))
+    module.model.eval()
+    return metrics, module.model, tokenizer
+
+
+def export_hf(peft_model, tokenizer, base_dir: str, stage_dir: Path) -> dict[str, str]:
+    """hf_adapter/ (PEFT) and hf_merged/ (merged model + tokenizer), each renamed into place when complete."""
+    adapter_dir, merged_dir = stage_dir / "hf_adapter", stage_dir / "hf_merged"
+    for final in (adapter_dir, merged_dir):
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp_adapter = adapter_dir.with_name("hf_adapter.tmp")
+    peft_model.save_pretrained(tmp_adapter, safe_serialization=True)
+    # Point the adapter at an existing local base so PeftModel.from_pretrained works offline.
+    cfg_path = tmp_adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(Path(base_dir).resolve())
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    _replace_dir(tmp_adapter, adapter_dir)
+
+    tmp_merged = merged_dir.with_name("hf_merged.tmp")
+    merged = _merged_copy(peft_model)
+    merged.save_pretrained(tmp_merged, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_merged)
+    _replace_dir(tmp_merged, merged_dir)
+    return {"hf_adapter": str(adapter_dir), "hf_merged": str(merged_dir)}
+
+
+def _merged_copy(peft_model):
+    """merge_and_unload on a copy, so the live PeftModel keeps its adapter for later checks."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

@@ -1,0 +1,1 @@
+"""Lightning callbacks shared by both backends: step metrics, MFU, W&B identity, export."""

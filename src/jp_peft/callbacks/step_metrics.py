@@ -1,0 +1,94 @@
+"""Per-step training metrics against `trainer/global_step`, to the loggers and to train_log.jsonl.
+
+train loss, learning rate, gradient norm (before clipping), step time, tokens/s, samples/s,
+consumed tokens, peak memory (GPU or process RSS), TFLOP/s and MFU (see callbacks/flops.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from jp_peft.callbacks.flops import peak_tflops
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class StepMetrics(pl.Callback):
+    def __init__(self, log_path: str | Path, flops_per_token: float):
+        self.log_path = Path(log_path)
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops()
+        self._reset()
+        self.consumed_tokens = 0
+        self.consumed_samples = 0
+        self.history: list[dict] = []
+
+    def _reset(self):
+        self.step_start = None
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.samples = 0
+        self.grad_norm = None
+
+    def on_train_start(self, trainer, pl_module):
+        # A resumed run continues the counters where the checkpoint left them.
+        self.consumed_tokens = int(getattr(pl_module, "consumed_tokens", 0))
+        self.consumed_samples = trainer.global_step * pl_module.train_spec.global_batch_size
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.step_start is None:
+            self.step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"].detach()) if isinstance(outputs, dict) else float(outputs))
+        self.tokens += int(pl_module.last_batch_tokens)
+        self.samples += int(batch["input_ids"].shape[0])
+        if pl_module.completed_optimizer_step:
+            pl_module.completed_optimizer_step = False
+            self._log_step(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = [p for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+        norms = torch.stack([p.grad.detach().float().norm() for p in params]) if params else torch.zeros(1)
+        self.grad_norm = float(norms.norm())
+        pl_module.completed_optimizer_step = True
+
+    def _log_step(self, trainer, pl_module):
+        seconds = max(time.perf_counter() - self.step_start, 1e-9)
+        self.consumed_tokens += self.tokens
+        self.consumed_samples += self.samples
+        pl_module.consumed_tokens = self.consumed_tokens
+        tflops = self.flops_per_token * self.tokens / seconds / 1e12
+        row = {
+            "trainer/global_step": trainer.global_step,
+            "train/loss": sum(self.losses) / len(self.losses),
+            "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train/grad_norm": self.grad_norm,
+            "perf/step_time_s": seconds,
+            "perf/tokens_per_s": self.tokens / seconds,
+            "perf/samples_per_s": self.samples / seconds,
+            "perf/consumed_tokens": self.consumed_tokens,
+            "perf/consumed_samples": self.consumed_samples,
+            "perf/peak_memory_mb": peak_memory_mb(),
+            "perf/tflops_per_s": tflops,
+        }
+        if self.peak:
+            row["perf/mfu"] = tflops / self.peak
+        assert all(v is None or math.isfinite(v) for v in row.values()), f"non-finite metric at step {trainer.global_step}"
+        self.history.append(row)
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in row.items() if k != "trainer/global_step"}, step=trainer.global_step)
+        self._reset()

@@ -1,0 +1,65 @@
+"""W&B run identity for a stage: comparable across runs, offline unless a key is present.
+
+group = experiment (sweep) name, job_type = stage, name = stage:variant, tags from the spec,
+the whole resolved spec as nested config, plus git commit and dirty flag. The step axis is
+`trainer/global_step` (Lightning's WandbLogger defines it as every metric's step metric).
+The API key is read by wandb from the environment and never copied anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+from jp_peft.spec import ExperimentSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain")) if commit else None}
+
+
+def wandb_mode() -> str:
+    """'disabled', 'online' (a key is set) or 'offline' (the default: sync later with `jp-peft wandb sync`)."""
+    requested = os.environ.get("WANDB_MODE", "")
+    if requested in ("disabled", "offline"):
+        return requested
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_logger(exp: ExperimentSpec, stage: str):
+    if not exp.wandb.enabled or wandb_mode() == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    stage_dir = exp.run_dir / stage
+    id_file = stage_dir / "wandb_run_id.txt"
+    resuming = (stage_dir / "checkpoints" / "last.ckpt").exists() and id_file.exists()
+    run_id = id_file.read_text().strip() if resuming else f"{exp.name}-{stage}-{uuid.uuid4().hex[:8]}"
+    id_file.write_text(run_id + "\n")
+    exp.run_dir.mkdir(parents=True, exist_ok=True)
+    offline = wandb_mode() == "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    config = {"spec": exp.to_dict(), "stage": stage, "git": git_state(), "backend": exp.backend}
+    return WandbLogger(project=exp.wandb.project, entity=exp.wandb.entity, group=exp.group_name, job_type=stage,
+                       name=f"{stage}:{exp.name}", tags=[*exp.wandb.tags, stage, exp.backend], save_dir=str(exp.run_dir),
+                       offline=offline, id=run_id, resume="allow", config=config)
+
+
+def log_adapter_artifact(logger, exp: ExperimentSpec, stage: str, adapter_dir: Path, metrics: dict) -> None:
+    import wandb
+
+    metadata = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None}
+    artifact = wandb.Artifact(name=f"{exp.name}-{stage}-adapter", type="lora-adapter", metadata=metadata)
+    artifact.add_dir(str(adapter_dir))
+    logger.experiment.log_artifact(artifact)

@@ -1,0 +1,143 @@
+"""`jp-peft`: the command line. Every subcommand imports its heavy dependencies lazily,
+so `jp-peft --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  jp-peft data prepare --input data/ja/cpt.train.jsonl --format text --tokenizer /models/Qwen2.5-0.5B \\
+      --output-prefix /data/ja_cpt --workers 8
+  jp-peft data blend data/blends/ja90_en10.yaml --train-tokens 32768000
+  jp-peft export adapter --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/hf_adapter
+  jp-peft export nemo --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/model.nemo
+  jp-peft compare runs/smoke runs/smoke-rank8 --output runs/compare
+  jp-peft wandb sync runs/smoke
+The experiment itself: python experiments/qwen_lora_ja.py --help"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jp-peft", description="LoRA continual learning of Qwen2.5-0.5B on "
+                                     "Japanese: data preparation, export, comparison.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare corpora and inspect blends").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="validate, clean, dedup and tokenise raw data",
+                           description="Every input record is kept or rejected with a reason: rejects go verbatim "
+                           "to PREFIX.rejected.jsonl, counts to PREFIX.report.json (read = kept + rejected). "
+                           "text -> PREFIX_text_document.bin/.idx (Megatron indexed dataset, EOS appended); "
+                           "alpaca/chatml -> PREFIX.training.jsonl / PREFIX.validation.jsonl (Qwen ChatML "
+                           "input/output, loss on assistant tokens).")
+    prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                      help="JSONL, plain text (blank-line separated documents), or gzip of either")
+    prep.add_argument("--format", choices=("text", "alpaca", "chatml"), default="text")
+    prep.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory or hub id")
+    prep.add_argument("--output-prefix", required=True)
+    prep.add_argument("--workers", type=int, default=1, help="parallel tokenising/cleaning processes (default 1)")
+    prep.add_argument("--strict", action="store_true", help="stop at the first rejected record (exit 1, naming file:line)")
+    prep.add_argument("--min-chars", type=int, default=None, help="shorter documents are rejected (default 20; 2 for instructions)")
+    prep.add_argument("--max-chars", type=int, default=200_000)
+    prep.add_argument("--min-ja-ratio", type=float, default=None,
+                      help="minimum hiragana/katakana/kanji share (default 0.3 for text, 0 for instructions; 0 disables)")
+    prep.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
+    prep.add_argument("--no-near-dedup", action="store_true", help="exact dedup only (MinHash index memory grows with kept docs)")
+    prep.add_argument("--near-dedup-threshold", type=float, default=0.8, help="estimated Jaccard over char 5-grams (default 0.8)")
+    prep.add_argument("--val-fraction", type=float, default=0.0,
+                      help="share of documents (by content hash, deterministic) written to the validation split")
+    prep.add_argument("--no-progress", action="store_true")
+
+    blend = data.add_parser("blend", help="effective token ratio and epochs of a CPT blend")
+    blend.add_argument("blend", help="blend YAML (datasets: name, weight, prefix)")
+    blend.add_argument("--train-tokens", type=int, help="tokens a training run consumes (steps x global batch x seq)")
+    blend.add_argument("--group-dir", default="runs/qwen_lora_ja", help="value of {group_dir} in the blend")
+
+    export = sub.add_parser("export", help="export NeMo checkpoints").add_subparsers(dest="export_command", required=True)
+    adapter = export.add_parser("adapter", help="NeMo Qwen2 LoRA checkpoint -> Hugging Face PEFT adapter")
+    adapter.add_argument("--checkpoint", required=True)
+    adapter.add_argument("--output", required=True)
+    adapter.add_argument("--base", help="base_model_name_or_path to write (default: from the checkpoint)")
+    nemo = export.add_parser("nemo", help="NeMo 2 checkpoint directory -> single-file .nemo archive (verified)")
+    nemo.add_argument("--checkpoint", required=True)
+    nemo.add_argument("--output", required=True)
+
+    compare = sub.add_parser("compare", help="compare finished runs: Markdown/HTML table and PNG plots")
+    compare.add_argument("runs", nargs="+", help="run directories (DIR/NAME)")
+    compare.add_argument("--output", default="runs/compare")
+
+    wandb = sub.add_parser("wandb", help="W&B helpers").add_subparsers(dest="wandb_command", required=True)
+    sync = wandb.add_parser("sync", help="upload offline runs under DIR (needs WANDB_API_KEY)")
+    sync.add_argument("dir")
+    return parser
+
+
+def cmd_data_prepare(args) -> int:
+    from jp_peft.data.prepare import PrepareConfig, StrictModeError, prepare
+
+    instructions = args.format != "text"
+    try:
+        cfg = PrepareConfig(
+            inputs=tuple(args.input), output_prefix=args.output_prefix, tokenizer=args.tokenizer, format=args.format,
+            workers=args.workers, strict=args.strict,
+            min_chars=args.min_chars if args.min_chars is not None else (2 if instructions else 20),
+            max_chars=args.max_chars,
+            min_ja_ratio=args.min_ja_ratio if args.min_ja_ratio is not None else (0.0 if instructions else 0.3),
+            dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
+            near_dedup_threshold=args.near_dedup_threshold, val_fraction=args.val_fraction,
+            progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = prepare(cfg)
+    except StrictModeError as exc:
+        print(f"error: --strict: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rejected = ", ".join(f"{k} {v}" for k, v in report["rejected"].items() if v) or "none"
+    print(f"read {report['read']}, kept {report['kept']} (train {report['kept_train']}, validation "
+          f"{report['kept_validation']}), rejected {report['rejected_total']} ({rejected})")
+    print(f"{report['chars']:,} characters, {report['tokens']:,} tokens, {report['chars_per_token']} characters/token, "
+          f"{report['docs_per_second']} docs/s, {report['mb_per_second']} MB/s")
+    for name, path in report["outputs"].items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+def cmd_data_blend(args) -> int:
+    from jp_peft.data.blend import blend_report, load_blend_entries
+
+    entries = load_blend_entries(args.blend, group_dir=args.group_dir)
+    print(json.dumps(blend_report(entries, args.train_tokens), indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "data" and args.data_command == "prepare":
+        return cmd_data_prepare(args)
+    if args.command == "data" and args.data_command == "blend":
+        return cmd_data_blend(args)
+    if args.command == "export":
+        from jp_peft.export.cli import run_export_command
+
+        return run_export_command(args)
+    if args.command == "compare":
+        from jp_peft.compare import compare_runs
+
+        out = compare_runs(args.runs, args.output)
+        print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
+        return 0
+    if args.command == "wandb":
+        from jp_peft.callbacks.wandb_run import sync_offline_runs
+
+        return sync_offline_runs(args.dir)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Japanese data pipeline: read, validate, clean, deduplicate, tokenise, write."""

@@ -1,0 +1,105 @@
+"""Exact and near-duplicate detection: content hashes and MinHash LSH over character 5-grams.
+
+Character n-grams rather than words because Japanese has no spaces. Signatures are computed in
+the workers; the index lives in the main process, which decides in input order, so the first
+occurrence of a document is the one kept whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+_PRIME = np.uint64(4294967291)  # largest prime below 2**32: signatures fit in uint32
+SHINGLE = 5
+
+
+def content_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def shingle_hashes(text: str) -> np.ndarray:
+    """Distinct 32-bit hashes of the character 5-grams of `text` (whitespace removed).
+
+    A polynomial hash over code points, vectorised with numpy (uint64 arithmetic wraps, which
+    is what we want), then folded to 32 bits: no Python loop per shingle.
+    """
+    compact = "".join(text.split())
+    codes = np.frombuffer(compact.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if len(codes) < SHINGLE:
+        codes = np.concatenate([codes, np.zeros(SHINGLE - len(codes), dtype=np.uint64)])
+    n = len(codes) - SHINGLE + 1
+    h = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(SHINGLE):
+            h = h * np.uint64(1_000_003) + codes[k:k + n]
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    return np.unique(h & np.uint64(0xFFFFFFFF))
+
+
+class MinHasher:
+    def __init__(self, num_perm: int = 128, seed: int = 1):
+        rng = np.random.RandomState(seed)
+        # a < 2**31 and x < 2**32 keep a*x + b below 2**64: exact in uint64.
+        self.a = rng.randint(1, 2**31 - 1, size=(num_perm, 1), dtype=np.int64).astype(np.uint64)
+        self.b = rng.randint(0, 2**31 - 1, size=(num_perm, 1), dtype=np.int64).astype(np.uint64)
+        self.num_perm = num_perm
+
+    def signature(self, text: str) -> np.ndarray:
+        x = shingle_hashes(text)
+        sig = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
+        for start in range(0, len(x), 4096):  # bound memory on long documents
+            chunk = x[start:start + 4096][None, :]
+            sig = np.minimum(sig, ((self.a * chunk + self.b) % _PRIME).min(axis=1))
+        return sig.astype(np.uint32)
+
+
+def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
+    """(bands, rows) whose S-curve midpoint (1/b)^(1/r) is closest to `threshold`."""
+    best = None
+    for rows in range(1, num_perm + 1):
+        if num_perm % rows:
+            continue
+        bands = num_perm // rows
+        err = abs((1 / bands) ** (1 / rows) - threshold)
+        if best is None or err < best[0]:
+            best = (err, bands, rows)
+    return best[1], best[2]
+
+
+class NearDuplicateIndex:
+    """LSH buckets of kept signatures; a candidate is a duplicate if the estimated Jaccard >= threshold."""
+
+    def __init__(self, num_perm: int, threshold: float):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"near-dedup threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self.bands, self.rows = lsh_bands(num_perm, threshold)
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        self.signatures: list[np.ndarray] = []
+
+    def _keys(self, sig: np.ndarray):
+        for band in range(self.bands):
+            yield band, sig[band * self.rows:(band + 1) * self.rows].tobytes()
+
+    def find(self, sig: np.ndarray) -> float | None:
+        """Estimated Jaccard with the most similar kept document, if it reaches the threshold."""
+        seen = set()
+        for band, key in self._keys(sig):
+            for idx in self.buckets[band].get(key, ()):
+                if idx in seen:
+                    continue
+                seen.add(idx)
+                similarity = float(np.mean(self.signatures[idx] == sig))
+                if similarity >= self.threshold:
+                    return similarity
+        return None
+
+    def add(self, sig: np.ndarray) -> None:
+        idx = len(self.signatures)
+        self.signatures.append(sig)
+        for band, key in self._keys(sig):
+            self.buckets[band].setdefault(key, []).append(idx)

@@ -1,0 +1,157 @@
+"""Executor factories: `local_executor(...)` and `slurm_executor(profile, ...)`.
+
+Cluster profiles are YAML files under slurm/ (see slurm/README.md); a profile with a missing
+or unknown field fails here, naming it, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROFILE_DIR = REPO_ROOT / "slurm"
+
+# Environment every stage gets; no secret is ever put here (see `secret_setup_lines`).
+BASE_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+# Common NCCL / torch settings for multi-node jobs (overridable in a profile's env).
+MULTINODE_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
+class ProfileError(ValueError):
+    """A cluster profile is invalid; the message names the file and field."""
+
+
+def local_executor(devices: int = 1, torchrun: bool = False, env: dict[str, str] | None = None):
+    import nemo_run as run
+
+    launcher = "torchrun" if torchrun else None
+    return run.LocalExecutor(ntasks_per_node=devices, launcher=launcher, env_vars={**BASE_ENV, **(env or {})})
+
+
+@dataclass(frozen=True)
+class SlurmProfile:
+    """What a user writes in slurm/<name>.yaml."""
+
+    path: str
+    account: str
+    partition: str
+    time: str = "04:00:00"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    ntasks_per_node: int | None = None  # defaults to gpus_per_node (one rank per GPU), 1 on CPU partitions
+    cpus_per_task: int | None = None
+    qos: str | None = None
+    exclusive: bool = False
+    mem: str | None = None
+    container_image: str | None = None
+    container_mounts: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    requeue: bool = True
+    signal_before_timelimit_s: int = 120
+    wandb_key_file: str | None = None  # a file only the user can read; its contents never enter the script
+    tunnel: dict[str, Any] = field(default_factory=lambda: {"type": "local"})
+
+    REQUIRED = ("account", "partition")
+
+    def tasks_per_node(self) -> int:
+        if self.ntasks_per_node is not None:
+            return self.ntasks_per_node
+        return self.gpus_per_node or 1
+
+
+def load_profile(name_or_path: str) -> SlurmProfile:
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ProfileError(f"slurm profile {name_or_path!r} not found (known: {', '.join(known)})")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    fields = set(SlurmProfile.__dataclass_fields__) - {"path"}
+    for key in values:
+        if key not in fields:
+            raise ProfileError(f"{path}: unknown field {key!r}; known: {', '.join(sorted(fields))}")
+    for key in SlurmProfile.REQUIRED:
+        if values.get(key) in (None, ""):
+            raise ProfileError(f"{path}: required field {key!r} is missing")
+    tunnel = values.get("tunnel", {"type": "local"})
+    if tunnel.get("type") not in ("local", "ssh"):
+        raise ProfileError(f"{path}: tunnel.type must be 'local' or 'ssh'")
+    if tunnel["type"] == "ssh":
+        for key in ("host", "user", "job_dir"):
+            if not tunnel.get(key):
+                raise ProfileError(f"{path}: tunnel.{key} is required for an ssh tunnel")
+    for key in ("container_mounts", "setup"):
+        values[key] = tuple(values.get(key) or ())
+    for key in ("env",):
+        values[key] = {str(k): str(v) for k, v in (values.get(key) or {}).items()}
+        for env_key in values[key]:
+            if "KEY" in env_key.upper() or "TOKEN" in env_key.upper() or "SECRET" in env_key.upper():
+                raise ProfileError(f"{path}: env.{env_key} looks like a secret; profiles must not hold secrets "
+                                   "(use wandb_key_file or the submitting environment)")
+    return SlurmProfile(path=str(path), **values)
+
+
+def secret_setup_lines(profile: SlurmProfile) -> list[str]:
+    """Bring WANDB_API_KEY into the job without writing it into the script.
+
+    Slurm exports the submitting environment to the job by default, so a key exported at
+    submission time arrives by itself; a key file is read at run time by the job.
+    """
+    if not profile.wandb_key_file:
+        return []
+    key_file = shlex.quote(profile.wandb_key_file)
+    return [f'if [ -r {key_file} ]; then export WANDB_API_KEY="$(cat {key_file})"; fi']
+
+
+def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: int | None = None,
+                   gpus_per_node: int | None = None, env: dict[str, str] | None = None):
+    """A NeMo-Run SlurmExecutor for one stage. `job_dir` must be the experiment's base_dir
+    (NeMo-Run writes the sbatch script under base_dir and submits it from the tunnel's job_dir:
+    when they differ, sbatch cannot open the script — NeMo-Run issue 299)."""
+    import nemo_run as run
+
+    nodes = nodes or profile.nodes
+    gpus = profile.gpus_per_node if gpus_per_node is None else gpus_per_node
+    tunnel_cfg = profile.tunnel
+    if tunnel_cfg.get("type", "local") == "ssh":
+        identity = tunnel_cfg.get("identity")
+        tunnel = run.SSHTunnel(host=tunnel_cfg["host"], user=tunnel_cfg["user"], job_dir=tunnel_cfg["job_dir"],
+                               identity=os.path.expanduser(identity) if identity else None)
+    else:
+        tunnel = run.LocalTunnel(job_dir=job_dir)
+    env_vars = {**BASE_ENV, **(MULTINODE_ENV if nodes > 1 else {}), **profile.env, **(env or {})}
+    additional: dict[str, Any] = {}
+    if profile.requeue:
+        additional["requeue"] = True
+    setup = [*profile.setup, *secret_setup_lines(profile)]
+    executor = run.SlurmExecutor(
+        account=profile.account,
+        partition=profile.partition,
+        time=profile.time,
+        nodes=nodes,
+        ntasks_per_node=profile.tasks_per_node() if gpus else 1,
+        gpus_per_node=gpus or None,
+        cpus_per_task=profile.cpus_per_task,
+        qos=profile.qos,
+        mem=profile.mem,
+        exclusive=profile.exclusive or None,
+        container_image=profile.container_image,
+        container_mounts=list(profile.container_mounts),
+        signal=f"USR1@{profile.signal_before_timelimit_s}" if profile.signal_before_timelimit_s else None,
+        additional_parameters=additional or None,
+        setup_lines="\n".join(setup) if setup else None,
+        env_vars=env_vars,
+        tunnel=tunnel,
+        packager=run.Packager(),
+    )
+    if torchrun:
+        executor.launcher = "torchrun"
+    return executor

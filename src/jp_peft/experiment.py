@@ -1,0 +1,158 @@
+"""Spec -> NeMo-Run `Experiment`: one task per stage, chained by dependencies, one chain per sweep variant.
+
+import and data are shared by all variants of a sweep (they write under the group directory);
+cpt -> sft -> export -> eval form one chain per variant. On Slurm the dependencies become
+`afterok`; the local executor runs the chain level by level.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jp_peft.spec import STAGES, ExperimentSpec, SpecError, apply_overrides, experiment_from_dict
+
+SHARED_STAGES = ("import", "data")
+CHAIN_STAGES = ("cpt", "sft", "export", "eval")
+
+
+def parse_sweep(items: list[str]) -> list[list[str]]:
+    """`lora.rank=8,16` `train.lr=1e-4,2e-4` -> the cartesian product as override lists."""
+    axes = []
+    for item in items:
+        if "=" not in item:
+            raise SpecError(f"--sweep {item!r}: expected key=v1,v2,...")
+        key, values = item.split("=", 1)
+        choices = [v for v in values.split(",") if v != ""]
+        if not choices:
+            raise SpecError(f"--sweep {item!r}: no values")
+        axes.append([f"{key}={v}" for v in choices])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def variant_suffix(overrides: list[str]) -> str:
+    """`lora.rank=8` -> `rank8`: short, readable names for W&B and directories."""
+    parts = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        parts.append(f"{key.split('.')[-1]}{value}".replace("/", "_"))
+    return "-".join(parts)
+
+
+def _expand_paths(node: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_paths(v, mapping) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_paths(v, mapping) for v in node]
+    if isinstance(node, str) and "{" in node:
+        for key, value in mapping.items():
+            node = node.replace("{" + key + "}", value)
+    return node
+
+
+def _absolute_data_paths(values: dict, cwd: Path) -> None:
+    """Data paths become absolute: tasks run in other directories (NeMo-Run job dirs, Slurm nodes)."""
+    def fix(path: str) -> str:
+        return str(path if Path(path).is_absolute() else (cwd / path).resolve())
+
+    for stage in ("cpt", "sft"):
+        data = values.get(stage, {}).get("data", {})
+        for key in ("sft_train", "sft_val", "val_ja", "val_en"):
+            if isinstance(data.get(key), str):
+                data[key] = fix(data[key])
+        for key in ("sft_source", "val_ja_source", "val_en_source"):
+            if data.get(key):
+                data[key] = [fix(p) for p in data[key]]
+        for entry in data.get("blend", []) or []:
+            if isinstance(entry, dict):
+                entry["prefix"] = fix(entry["prefix"])
+                entry["source"] = [fix(p) for p in entry.get("source", [])]
+    model = values.get("model", {})
+    if isinstance(model.get("name"), str) and Path(model["name"]).exists():
+        model["name"] = fix(model["name"])
+
+
+def resolve_spec(values: dict, overrides: list[str], cwd: Path | None = None) -> ExperimentSpec:
+    import copy
+
+    cwd = cwd or Path.cwd()
+    values = apply_overrides(copy.deepcopy(values), overrides)
+    output_dir = str((cwd / values.get("output_dir", "runs")).resolve())
+    values["output_dir"] = output_dir
+    name = values.get("name", "qwen_lora_ja")
+    group = values.get("group") or name
+    values = _expand_paths(values, {"group_dir": str(Path(output_dir) / group), "run_dir": str(Path(output_dir) / name),
+                                    "repo": str(Path(__file__).resolve().parents[2])})
+    _absolute_data_paths(values, cwd)
+    return experiment_from_dict(values)
+
+
+@dataclass
+class PlannedTask:
+    name: str
+    stage: str
+    spec: ExperimentSpec
+    depends_on: list[str]
+
+
+def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None = None) -> list[PlannedTask]:
+    """The tasks of the experiment, in launch order, with their dependencies; validates every spec."""
+    variants = parse_sweep(sweep)
+    if stages:
+        for stage in stages:
+            if stage not in STAGES:
+                raise SpecError(f"--stages: {stage!r} is not one of {', '.join(STAGES)}")
+        overrides = [*overrides, f"stages=[{','.join(stages)}]"]
+    base = resolve_spec(values, overrides)
+    tasks: list[PlannedTask] = []
+    previous_shared: list[str] = []
+    for stage in SHARED_STAGES:
+        if stage in base.stages:
+            tasks.append(PlannedTask(f"{base.name}-{stage}", stage, base, list(previous_shared)))
+            previous_shared = [tasks[-1].name]
+    for variant in variants:
+        if variant:
+            suffix = variant_suffix(variant)
+            spec = resolve_spec(values, [*overrides, *variant, f"name={base.name}-{suffix}", f"group={base.group_name}",
+                                         f"wandb.tags=[{','.join([*base.wandb.tags, suffix])}]"])
+        else:
+            spec = base
+        spec.check_data_files()
+        deps = list(previous_shared)
+        for stage in CHAIN_STAGES:
+            if stage in spec.stages:
+                tasks.append(PlannedTask(f"{spec.name}-{stage}", stage, spec, deps))
+                deps = [tasks[-1].name]
+    if not tasks:
+        raise SpecError("stages: nothing to run")
+    return tasks
+
+
+def task_config(task: PlannedTask):
+    """The NeMo-Run callable of a task: the backend decides what runs (the only backend switch)."""
+    if task.spec.backend == "megatron":
+        from jp_peft.backends.megatron import stage_task
+
+        return stage_task(task.spec, task.stage)
+    import nemo_run as run
+
+    from jp_peft.stages import run_stage
+
+    return run.Partial(run_stage, spec=task.spec.to_dict(), stage=task.stage)
+
+
+def new_experiment(title: str, base_dir: Path):
+    import nemo_run as run
+
+    return run.Experiment(title, base_dir=str(base_dir), log_level="WARN")
+
+
+def add_tasks(exp, tasks: list[PlannedTask], executor_for) -> None:
+    """Add the tasks inside `with exp:`; `executor_for(task)` returns the executor of one task."""
+    ids: dict[str, str] = {}
+    for task in tasks:
+        deps = [ids[name] for name in task.depends_on]
+        ids[task.name] = exp.add(task_config(task), executor=executor_for(task), name=task.name,
+                                 dependencies=deps or None, tail_logs=False)

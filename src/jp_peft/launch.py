@@ -1,0 +1,94 @@
+"""Plan, build and launch an experiment on the local or Slurm executor, then report.
+
+Used by experiments/qwen_lora_ja.py; separate from it so that everything a NeMo-Run task
+points at is importable from the installed package.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from jp_peft.experiment import PlannedTask, add_tasks, new_experiment, plan
+
+# What each stage leaves behind when it finished: the launcher's proof of success.
+STAGE_OUTPUT = {
+    "import": lambda t: t.spec.group_dir / "import" / "base.json",
+    "data": lambda t: t.spec.group_dir / "data" / "prepared.json",
+    "cpt": lambda t: t.spec.run_dir / "cpt" / "metrics.json",
+    "sft": lambda t: t.spec.run_dir / "sft" / "metrics.json",
+    "export": lambda t: t.spec.run_dir / "export.json",
+    "eval": lambda t: t.spec.run_dir / "summary.json",
+}
+TRAINING = ("cpt", "sft")
+
+
+def executor_factory(kind: str, profile_name: str, base_dir: Path):
+    from jp_peft.executors import load_profile, local_executor, slurm_executor
+
+    if kind == "local":
+        def for_task(task: PlannedTask):
+            megatron_training = task.spec.backend == "megatron" and task.stage in TRAINING
+            devices = task.spec.cluster.gpus_per_node if megatron_training else 1
+            return local_executor(devices=devices, torchrun=megatron_training)
+        return for_task
+
+    profile = load_profile(profile_name)
+
+    def for_task(task: PlannedTask):
+        spec = task.spec
+        if spec.backend == "megatron" and task.stage in TRAINING:
+            return slurm_executor(profile, str(base_dir / "experiments"), torchrun=True,
+                                  nodes=spec.cluster.num_nodes, gpus_per_node=spec.cluster.gpus_per_node)
+        # hf training and the light stages: one node, one task (one GPU if the partition has them).
+        gpus = min(profile.gpus_per_node, 1)
+        return slurm_executor(profile, str(base_dir / "experiments"), torchrun=False, nodes=1, gpus_per_node=gpus)
+    return for_task
+
+
+def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None, *, executor: str,
+           profile: str, dryrun: bool, wait: bool) -> int:
+    tasks = plan(values, overrides, sweep, stages)
+    first = tasks[0].spec
+    base_dir = first.group_dir / "nemo_run"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")
+    for task in tasks:
+        after = f" after {', '.join(task.depends_on)}" if task.depends_on else ""
+        print(f"  {task.name}{after}")
+    exp = new_experiment(first.group_name, base_dir)
+    with exp:
+        add_tasks(exp, tasks, executor_factory(executor, profile, base_dir))
+        if dryrun:
+            exp.dryrun(delete_exp_dir=True)
+            return 0
+        started = time.perf_counter()
+        exp.run(sequential=False, detach=(executor == "slurm" and not wait), tail_logs=False)
+    if executor == "slurm" and not wait:
+        print(f"submitted; follow with `squeue` and the logs under {base_dir / 'experiments'}")
+        return 0
+    return report(tasks, exp, time.perf_counter() - started)
+
+
+def report(tasks: list[PlannedTask], exp, seconds: float) -> int:
+    failed = [t for t in tasks if not STAGE_OUTPUT[t.stage](t).exists()]
+    for task in failed:
+        print(f"FAILED: {task.name}: {STAGE_OUTPUT[task.stage](task)} was not written; log: {task_log(exp, task)}",
+              file=sys.stderr)
+    for spec in {t.spec.run_dir: t.spec for t in tasks if t.stage == "eval"}.values():
+        summary_path = spec.run_dir / "summary.json"
+        if summary_path.exists():
+            from jp_peft.stages import format_summary
+
+            print(format_summary(json.loads(summary_path.read_text(encoding="utf-8"))))
+            print(f"  metrics: {spec.run_dir}/<stage>/metrics.json; W&B: {spec.run_dir / 'wandb'}")
+    print(f"{len(tasks) - len(failed)}/{len(tasks)} tasks finished in {seconds:.0f} s")
+    return 1 if failed else 0
+
+
+def task_log(exp, task: PlannedTask) -> str:
+    job_dir = Path(exp._exp_dir) / task.name
+    logs = sorted(job_dir.glob("**/*log*")) if job_dir.exists() else []
+    return str(logs[0]) if logs else str(job_dir)

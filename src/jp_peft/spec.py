@@ -1,0 +1,415 @@
+"""The experiment spec: frozen dataclasses that both backends translate.
+
+One spec drives the NeMo Megatron backend (`backends/megatron.py`) and the Hugging Face
+backend (`backends/hf.py`). Every check that can fail before launch lives here, in
+`__post_init__`, and names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Hugging Face names of Qwen2's seven linear projections (the spec speaks these names;
+# the Megatron backend translates them, see jp_peft.lora_mapping).
+HF_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BACKENDS = ("megatron", "hf")
+STAGES = ("import", "data", "cpt", "sft", "export", "eval")
+PRECISIONS = ("bf16-mixed", "16-mixed", "32", "32-true", "bf16-true")
+
+
+class SpecError(ValueError):
+    """A spec value is invalid; the message names the field."""
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise SpecError(f"{field_name}: {message}")
+
+
+def _choice(value: str, choices: tuple[str, ...], field_name: str) -> None:
+    _require(value in choices, field_name, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which base model. `name` is a hub id or a local Hugging Face directory."""
+
+    name: str = "Qwen/Qwen2.5-0.5B"
+    # Embedded tiny Qwen2 (built from files in the repo) instead of `name`.
+    tiny: bool = False
+    # NeMo model config class in nemo.collections.llm for the Megatron backend.
+    nemo_config: str = "Qwen25Config500M"
+
+    def __post_init__(self):
+        _require(bool(self.name), "model.name", "must not be empty")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapter shape, in Hugging Face module names."""
+
+    rank: int = 32
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = HF_LORA_TARGETS
+    # NeMo applies dropout before the A projection ("pre"), as PEFT does.
+    dropout_position: str = "pre"
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _require(isinstance(self.rank, int) and self.rank > 0, "lora.rank", f"must be a positive integer, got {self.rank!r}")
+        _require(self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha!r}")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        _require(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        for name in self.target_modules:
+            _require(name in HF_LORA_TARGETS, "lora.target_modules",
+                     f"unknown module {name!r}; Qwen2 has {', '.join(HF_LORA_TARGETS)}")
+        _require(len(set(self.target_modules)) == len(self.target_modules), "lora.target_modules", "has duplicates")
+        _choice(self.dropout_position, ("pre",), "lora.dropout_position")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class BlendEntry:
+    """One dataset of a weighted CPT blend: an indexed-dataset prefix, optionally built from `source`."""
+
+    name: str
+    weight: float
+    prefix: str
+    source: tuple[str, ...] = ()
+    # "ja" applies the Japanese-ratio filter when preparing `source`; "en" (replay) does not.
+    lang: str = "ja"
+
+    def __post_init__(self):
+        object.__setattr__(self, "source", tuple(self.source))
+        _require(self.weight > 0, f"blend[{self.name}].weight", f"must be positive, got {self.weight!r}")
+        _choice(self.lang, ("ja", "en", "any"), f"blend[{self.name}].lang")
+        _require(self.prefix.endswith("_text_document"), f"blend[{self.name}].prefix",
+                 f"{self.prefix!r} must end with _text_document (the name `jp-peft data prepare` writes)")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Data of one stage. CPT reads `blend`; SFT reads `sft_train`/`sft_val` (chat JSONL).
+
+    `val_ja` and `val_en` are indexed-dataset prefixes of held-out raw text, measured
+    before and after every stage: the Japanese gain and the English forgetting.
+    """
+
+    blend: tuple[BlendEntry, ...] = ()
+    sft_train: str | None = None
+    sft_val: str | None = None
+    sft_source: tuple[str, ...] = ()
+    sft_format: str = "chatml"
+    val_ja: str | None = None
+    val_ja_source: tuple[str, ...] = ()
+    val_en: str | None = None
+    val_en_source: tuple[str, ...] = ()
+    seq_length: int = 2048
+    packing: bool = True
+
+    def __post_init__(self):
+        blend = tuple(BlendEntry(**b) if isinstance(b, dict) else b for b in self.blend)
+        object.__setattr__(self, "blend", blend)
+        for name in ("sft_source", "val_ja_source", "val_en_source"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _require(self.seq_length >= 8, "data.seq_length", f"must be >= 8, got {self.seq_length}")
+        _choice(self.sft_format, ("chatml", "alpaca"), "data.sft_format")
+        names = [b.name for b in blend]
+        _require(len(set(names)) == len(names), "data.blend", f"dataset names repeat: {names}")
+
+    def blend_weights(self) -> list[float]:
+        total = sum(b.weight for b in self.blend)
+        return [b.weight / total for b in self.blend]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation of one stage. Defaults: shared/seeds/000 section 10.1."""
+
+    max_steps: int = 1000
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    val_check_interval: int = 100
+    limit_val_batches: int = 32
+    ckpt_every_n_steps: int = 100
+    precision: str = "bf16-mixed"
+    seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("max_steps", "micro_batch_size", "global_batch_size", "val_check_interval",
+                     "limit_val_batches", "ckpt_every_n_steps"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"train.{name}", f"must be a positive integer, got {value!r}")
+        _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, "train.min_lr", f"must be in [0, lr], got {self.min_lr}")
+        _require(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps",
+                 f"must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}")
+        _require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
+                 f"{self.global_batch_size} is not divisible by micro_batch_size={self.micro_batch_size}")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _choice(self.precision, PRECISIONS, "train.precision")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Parallel layout. data-parallel size = nodes x gpus / (tp x pp x cp)."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+
+    def __post_init__(self):
+        for name in ("num_nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "context_parallel"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"cluster.{name}", f"must be a positive integer, got {value!r}")
+        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        _require(self.world_size % model_parallel == 0, "cluster",
+                 f"num_nodes x gpus_per_node = {self.world_size} is not divisible by "
+                 f"tensor x pipeline x context parallel = {model_parallel}")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+
+@dataclass(frozen=True)
+class WandbSpec:
+    """W&B run identity. Offline unless WANDB_API_KEY is set; the key never enters the spec."""
+
+    enabled: bool = True
+    project: str = "jp-peft"
+    entity: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "tags", tuple(self.tags))
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str = "qwen_lora_ja"
+    # Runs of one sweep share a group: their W&B group and the directory of shared stages.
+    group: str | None = None
+    backend: str = "megatron"
+    output_dir: str = "runs"
+    stages: tuple[str, ...] = ("import", "data", "cpt", "sft", "export", "eval")
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    cpt: StageSpec = field(default_factory=StageSpec)
+    sft: StageSpec = field(default_factory=StageSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    wandb: WandbSpec = field(default_factory=WandbSpec)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))
+        _require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _choice(self.backend, BACKENDS, "backend")
+        for stage in self.stages:
+            _choice(stage, STAGES, "stages")
+        for stage_name in ("cpt", "sft"):
+            train = getattr(self, stage_name).train
+            per_step = train.micro_batch_size * self.cluster.data_parallel_size
+            _require(train.global_batch_size % per_step == 0, f"{stage_name}.train.global_batch_size",
+                     f"{train.global_batch_size} is not divisible by micro_batch_size x data_parallel_size "
+                     f"= {train.micro_batch_size} x {self.cluster.data_parallel_size}")
+        if "cpt" in self.stages:
+            _require(len(self.cpt.data.blend) > 0, "cpt.data.blend", "the cpt stage needs at least one dataset")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def group_name(self) -> str:
+        return self.group or self.name
+
+    @property
+    def group_dir(self) -> Path:
+        """Where the stages a sweep shares (import, data) write."""
+        return Path(self.output_dir) / self.group_name
+
+    def stage(self, name: str) -> StageSpec:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def check_data_files(self) -> None:
+        """Fail before launch if a stage's data is neither prepared nor preparable.
+
+        Sources only count when the experiment has a `data` stage to prepare them.
+        """
+        will_prepare = "data" in self.stages
+
+        def prefix_ready(prefix: str) -> bool:
+            return Path(prefix + ".bin").exists() and Path(prefix + ".idx").exists()
+
+        def check_sources(field_name: str, sources: tuple[str, ...]) -> None:
+            _require(will_prepare, field_name.removesuffix(".source").removesuffix("_source"),
+                     "not prepared yet; add the 'data' stage or run `jp-peft data prepare`")
+            for src in sources:
+                _require(Path(src).exists(), field_name, f"source file {src} does not exist")
+
+        if "cpt" in self.stages:
+            for entry in self.cpt.data.blend:
+                field_name = f"cpt.data.blend[{entry.name}]"
+                if not prefix_ready(entry.prefix):
+                    _require(bool(entry.source), field_name,
+                             f"{entry.prefix}.bin/.idx not found and no source to prepare it from")
+                    check_sources(field_name + ".source", entry.source)
+        if "sft" in self.stages:
+            data = self.sft.data
+            _require(data.sft_train is not None, "sft.data.sft_train", "the sft stage needs a training file")
+            if not Path(data.sft_train).exists():
+                _require(bool(data.sft_source), "sft.data.sft_train", f"{data.sft_train} not found and no sft_source")
+                check_sources("sft.data.sft_source", data.sft_source)
+        for stage_name in ("cpt", "sft"):
+            if stage_name not in self.stages:
+                continue
+            data = self.stage(stage_name).data
+            for lang in ("ja", "en"):
+                prefix = getattr(data, f"val_{lang}")
+                sources = getattr(data, f"val_{lang}_source")
+                field_name = f"{stage_name}.data.val_{lang}"
+                _require(prefix is not None, field_name, "a held-out validation prefix is required")
+                if not prefix_ready(prefix):
+                    _require(bool(sources), field_name, f"{prefix}.bin/.idx not found and no source to prepare it from")
+                    check_sources(field_name + "_source", sources)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# --- building specs from YAML presets and dotted overrides ---------------------------
+
+_NESTED = {
+    ExperimentSpec: {"model": ModelSpec, "lora": LoraSpec, "cpt": StageSpec, "sft": StageSpec,
+                     "cluster": ClusterSpec, "wandb": WandbSpec},
+    StageSpec: {"data": DataSpec, "train": TrainSpec},
+}
+
+
+def build(cls, values: dict[str, Any], path: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys by name."""
+    if not isinstance(values, dict):
+        raise SpecError(f"{path or cls.__name__}: expected a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}.{key}" if path else key
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise SpecError(f"{where}: unknown field" + (f"; did you mean {hint[0]!r}?" if hint else
+                                                          f"; known fields: {', '.join(sorted(known))}"))
+        nested = _NESTED.get(cls, {}).get(key)
+        kwargs[key] = build(nested, value, where) if nested is not None else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # e.g. a list where a number belongs
+        raise SpecError(f"{path or cls.__name__}: {exc}") from None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place.
+
+    `train.X=...` and `data.X=...` are shorthands that set the field in both cpt and sft.
+    """
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = _parse_value(raw)
+        parts = key.strip().split(".")
+        targets = [["cpt"] + parts, ["sft"] + parts] if parts[0] in ("train", "data") else [parts]
+        for target in targets:
+            node = values
+            for part in target[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise SpecError(f"override {item!r}: {part} is not a section")
+            node[target[-1]] = value
+    return values
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalars, plus the floats YAML 1.1 reads as strings (`1e-4`)."""
+    import yaml
+
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_preset(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML preset; `blend: path.yaml` entries are inlined, relative paths resolve from the repo."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: invalid YAML: {exc}") from None
+    for stage in ("cpt", "sft"):
+        data = values.get(stage, {}).get("data", {})
+        if isinstance(data.get("blend"), str):
+            blend = Path(data["blend"])
+            if not blend.is_absolute() and not blend.exists():
+                blend = Path(__file__).resolve().parents[2] / blend  # relative to the repo
+            data["blend"] = load_blend(blend)
+    return values
+
+
+def load_blend(path: str | os.PathLike) -> list[dict[str, Any]]:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"data.blend: blend file {path} does not exist")
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    datasets = doc.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise SpecError(f"{path}: expected a non-empty 'datasets:' list")
+    return datasets
+
+
+def experiment_from_dict(values: dict[str, Any]) -> ExperimentSpec:
+    return build(ExperimentSpec, values)
