@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Every input record is kept or rejected with a reason: rejects go verbatim "
                            "to PREFIX.rejected.jsonl, counts to PREFIX.report.json (read = kept + rejected). "
                            "text -> PREFIX_text_document.bin/.idx (Megatron indexed dataset, EOS appended); "
-                           "alpaca/chatml -> PREFIX.training.jsonl / PREFIX.validation.jsonl (Qwen ChatML "
+                           "alpaca/chatml -> PREFIX/training.jsonl, PREFIX/validation.jsonl (Qwen ChatML "
                            "input/output, loss on assistant tokens).")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
                       help="JSONL, plain text (blank-line separated documents), or gzip of either")

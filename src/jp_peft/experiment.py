@@ -1,8 +1,10 @@
 """Spec -> NeMo-Run `Experiment`: one task per stage, chained by dependencies, one chain per sweep variant.
 
 import and data are shared by all variants of a sweep (they write under the group directory);
-cpt -> sft -> export -> eval form one chain per variant. On Slurm the dependencies become
-`afterok`; the local executor runs the chain level by level.
+cpt -> export(cpt) -> sft -> export(sft) -> eval form one chain per variant (each trained stage
+is exported before the next starts: on Megatron, SFT restores from the merged CPT checkpoint the
+CPT export writes). On Slurm the dependencies become `afterok`; the local executor runs the
+chain level by level.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from jp_peft.spec import STAGES, ExperimentSpec, SpecError, apply_overrides, experiment_from_dict
 
 SHARED_STAGES = ("import", "data")
-CHAIN_STAGES = ("cpt", "sft", "export", "eval")
+TRAINED_STAGES = ("cpt", "sft")
 
 
 def parse_sweep(items: list[str]) -> list[list[str]]:
@@ -95,6 +97,7 @@ class PlannedTask:
     stage: str
     spec: ExperimentSpec
     depends_on: list[str]
+    target: str | None = None  # the trained stage an export task exports
 
 
 def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None = None) -> list[PlannedTask]:
@@ -121,10 +124,15 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
             spec = base
         spec.check_data_files()
         deps = list(previous_shared)
-        for stage in CHAIN_STAGES:
+        for stage in TRAINED_STAGES:
             if stage in spec.stages:
                 tasks.append(PlannedTask(f"{spec.name}-{stage}", stage, spec, deps))
                 deps = [tasks[-1].name]
+                if "export" in spec.stages:
+                    tasks.append(PlannedTask(f"{spec.name}-export-{stage}", "export", spec, deps, target=stage))
+                    deps = [tasks[-1].name]
+        if "eval" in spec.stages:
+            tasks.append(PlannedTask(f"{spec.name}-eval", "eval", spec, deps))
     if not tasks:
         raise SpecError("stages: nothing to run")
     return tasks
@@ -135,12 +143,12 @@ def task_config(task: PlannedTask):
     if task.spec.backend == "megatron":
         from jp_peft.backends.megatron import stage_task
 
-        return stage_task(task.spec, task.stage)
+        return stage_task(task.spec, task.stage, task.target)
     import nemo_run as run
 
     from jp_peft.stages import run_stage
 
-    return run.Partial(run_stage, spec=task.spec.to_dict(), stage=task.stage)
+    return run.Partial(run_stage, spec=task.spec.to_dict(), stage=task.stage, target=task.target)
 
 
 def new_experiment(title: str, base_dir: Path):

@@ -19,7 +19,7 @@ STAGE_OUTPUT = {
     "data": lambda t: t.spec.group_dir / "data" / "prepared.json",
     "cpt": lambda t: t.spec.run_dir / "cpt" / "metrics.json",
     "sft": lambda t: t.spec.run_dir / "sft" / "metrics.json",
-    "export": lambda t: t.spec.run_dir / "export.json",
+    "export": lambda t: t.spec.run_dir / t.target / "export_check.json",
     "eval": lambda t: t.spec.run_dir / "summary.json",
 }
 TRAINING = ("cpt", "sft")

@@ -91,7 +91,7 @@ def run_data(spec: dict) -> dict:
         text(data.val_ja, data.val_ja_source, "ja")
         text(data.val_en, data.val_en_source, "en")
         if stage == "sft" and data.sft_train and not Path(data.sft_train).exists():
-            root = data.sft_train.removesuffix(".training.jsonl")
+            root = str(Path(data.sft_train).parent)  # dataset_root/training.jsonl
             cfg = PrepareConfig(inputs=tuple(data.sft_source), output_prefix=root, tokenizer=tokenizer,
                                 format=data.sft_format, min_chars=2, min_ja_ratio=0.0, val_fraction=0.05,
                                 workers=1, progress=False)
@@ -156,28 +156,21 @@ def run_train(spec: dict, stage: str) -> dict:
 
 # --- export check and evaluation --------------------------------------------------------
 
-def run_export(spec: dict) -> dict:
-    """Check every exported adapter: PEFT adapter + base gives the merged model's logits."""
+def run_export(spec: dict, target: str) -> dict:
+    """Check the exported adapter of stage `target`: PEFT adapter + base gives the merged model's logits."""
     from jp_peft.export.verify import compare_adapter_and_merged
 
     exp = experiment_from_dict(spec)
-    results = {}
-    for stage in TRAINED:
-        stage_dir = exp.run_dir / stage
-        if stage not in exp.stages:
-            continue
-        _read_json(stage_dir / "metrics.json", f"export of {stage}")
-        results[stage] = compare_adapter_and_merged(stage_dir / "hf_adapter", stage_dir / "hf_merged",
-                                                    exp.stage(stage).data.val_ja)
-        _log(f"export: {stage}: adapter+base vs merged logits max |diff| {results[stage]['max_abs_diff']:.2e}, "
-             f"argmax agreement {results[stage]['argmax_agreement']:.4f}")
-        _write_json(stage_dir / "export_check.json", results[stage])
-    bad = [stage for stage, r in results.items() if not r["ok"]]
-    if bad:
-        raise RuntimeError(f"export: adapter+base logits differ from the merged model for {bad} "
-                           f"(see export_check.json)")
-    _write_json(exp.run_dir / "export.json", results)
-    return results
+    stage_dir = exp.run_dir / target
+    _read_json(stage_dir / "metrics.json", f"export of {target}")
+    result = compare_adapter_and_merged(stage_dir / "hf_adapter", stage_dir / "hf_merged", exp.stage(target).data.val_ja)
+    _log(f"export: {target}: adapter+base vs merged logits max |diff| {result['max_abs_diff']:.2e}, "
+         f"argmax agreement {result['argmax_agreement']:.4f}")
+    if not result["ok"]:
+        raise RuntimeError(f"export: {target}: adapter+base logits differ from the merged model by "
+                           f"{result['max_abs_diff']:.2e} > {result['atol']}")
+    _write_json(stage_dir / "export_check.json", result)
+    return result
 
 
 def run_eval(spec: dict) -> dict:
@@ -211,7 +204,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_stage(spec: dict, stage: str):
+def run_stage(spec: dict, stage: str, target: str | None = None):
     """Single entry point for NeMo-Run tasks of the hf backend."""
     started = time.perf_counter()
     try:
@@ -222,7 +215,7 @@ def run_stage(spec: dict, stage: str):
         if stage in TRAINED:
             return run_train(spec, stage)
         if stage == "export":
-            return run_export(spec)
+            return run_export(spec, target)
         if stage == "eval":
             return run_eval(spec)
         raise ValueError(f"unknown stage {stage!r}")

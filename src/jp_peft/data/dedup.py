@@ -58,16 +58,17 @@ class MinHasher:
 
 
 def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
-    """(bands, rows) whose S-curve midpoint (1/b)^(1/r) is closest to `threshold`."""
-    best = None
+    """(bands, rows), bands x rows <= num_perm, whose S-curve midpoint (1/b)^(1/r) is the highest
+    one not above `threshold`: candidates are then over- rather than under-collected, and every
+    candidate is checked against the threshold on the full signature anyway."""
+    best = (1, num_perm) if (1 / 1) ** (1 / num_perm) <= threshold else (num_perm, 1)
+    best_mid = -1.0
     for rows in range(1, num_perm + 1):
-        if num_perm % rows:
-            continue
         bands = num_perm // rows
-        err = abs((1 / bands) ** (1 / rows) - threshold)
-        if best is None or err < best[0]:
-            best = (err, bands, rows)
-    return best[1], best[2]
+        mid = (1 / bands) ** (1 / rows)
+        if best_mid < mid <= threshold:
+            best, best_mid = (bands, rows), mid
+    return best
 
 
 class NearDuplicateIndex:

@@ -226,12 +226,14 @@ class _Outputs:
                 bin_tmp = self._tmp(base + ".bin")
                 self.builders[split] = (IndexedDatasetBuilder(bin_tmp, dtype=np.int32), base)
         else:
+            # PREFIX/ is a dataset_root as NeMo's FineTuningDataModule reads it.
             root = Path(self.prefix)
+            root.mkdir(parents=True, exist_ok=True)
             self.files = {}
             for split, name in (("train", "training.jsonl"), ("validation", "validation.jsonl")):
                 if split == "validation" and cfg.val_fraction == 0:
                     continue
-                path = self._tmp(str(root) + f".{name}")
+                path = self._tmp(str(root / name))
                 self.files[split] = open(path, "w", encoding="utf-8")
         self.rejected = open(self._tmp(self.prefix + ".rejected.jsonl"), "w", encoding="utf-8")
         self.counts = Counter()

@@ -1,0 +1,81 @@
+"""Qwen2.5-0.5B Japanese LoRA continual learning, as NeMo 2.0 recipes.
+
+Built on NVIDIA's `llm.qwen25_500m.finetune_recipe`: each factory composes it and changes only
+what the jp-peft spec (recipes/configs/qwen25_500m_ja.yaml) says differently.
+
+    from recipes import qwen25_500m_ja
+    recipe = qwen25_500m_ja.cpt_lora()                      # run.Partial(llm.finetune, ...)
+    recipe.trainer.max_steps = 2000                         # or CLI: trainer.max_steps=2000
+"""
+
+
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import nemo_run as run
+from nemo.collections import llm
+
+from jp_peft.backends import megatron
+from jp_peft.experiment import resolve_spec
+from jp_peft.spec import ExperimentSpec, experiment_from_dict, load_preset
+
+NAME = "qwen25_500m_ja"
+PRESET = Path(__file__).resolve().parent / "configs" / "qwen25_500m_ja.yaml"
+
+
+def _spec(spec: Optional[dict]) -> ExperimentSpec:
+    """The given resolved spec, or the default preset resolved against the current directory."""
+    return experiment_from_dict(spec) if spec is not None else resolve_spec(load_preset(PRESET), [])
+
+
+@run.cli.factory(name=NAME)
+def model() -> run.Config[pl.LightningModule]:
+    """Qwen2.5-0.5B exactly as NVIDIA configures it (Qwen25Config500M)."""
+    return llm.qwen25_500m.model()
+
+
+@run.cli.factory(target=llm.import_ckpt, name=NAME + "_import")
+def import_base(spec: Optional[dict] = None) -> run.Partial:
+    """Hub id or local HF directory -> NeMo checkpoint under NEMO_HOME; skipped when present."""
+    exp = _spec(spec)
+    return run.Partial(megatron.import_base, model_name=exp.model.name,
+                       output_path=str(megatron.imported_base_path(exp.model.name)))
+
+
+def _finetune(exp: ExperimentSpec, stage: str, restore_from: str) -> run.Partial:
+    recipe = llm.qwen25_500m.finetune_recipe(dir=str(exp.run_dir), name=stage, num_nodes=exp.cluster.num_nodes,
+                                             num_gpus_per_node=exp.cluster.gpus_per_node, peft_scheme="lora")
+    # PEFT: the spec's LoRA, fused or canonical as the target set requires
+    recipe.peft = megatron.peft_config(exp.lora)
+    # Trainer, parallelism, optimiser
+    megatron.apply_training(recipe, exp, exp.stage(stage))
+    # Logging and checkpoints: W&B + TensorBoard, ModelCheckpoint every N steps
+    recipe.log = megatron.logger(exp, stage)
+    # Resume: a requeued job continues from its own last checkpoint
+    recipe.resume = megatron.resume(restore_from)
+    return recipe
+
+
+@run.cli.factory(target=llm.finetune, name=NAME + "_cpt")
+def cpt_lora(spec: Optional[dict] = None) -> run.Partial:
+    """LoRA continual pre-training on the weighted Japanese/English blend.
+
+    llm.pretrain takes no PEFT, so LoRA CPT goes through llm.finetune with Megatron's
+    PreTrainingDataModule as data."""
+    exp = _spec(spec)
+    recipe = _finetune(exp, "cpt", str(megatron.imported_base_path(exp.model.name)))
+    # Data: raw-text blend -> PreTrainingDataModule(paths=[w1, prefix1, w2, prefix2])
+    recipe.data = megatron.cpt_data(exp)
+    return recipe
+
+
+@run.cli.factory(target=llm.finetune, name=NAME + "_sft")
+def sft_lora(spec: Optional[dict] = None) -> run.Partial:
+    """LoRA instruction tuning on Japanese chat data, packed, from the merged CPT model when there is one."""
+    exp = _spec(spec)
+    start = megatron.merged_cpt_path(exp) if "cpt" in exp.stages else megatron.imported_base_path(exp.model.name)
+    recipe = _finetune(exp, "sft", str(start))
+    # Data: ChatML input/output JSONL -> FineTuningDataModule with packed sequences
+    recipe.data = megatron.sft_data(exp)
+    return recipe
