@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run directories (DIR/NAME)")
     compare.add_argument("--output", default="runs/compare")
 
+    stage = sub.add_parser("stage", help="run one stage of a resolved experiment in this process (debugging, Slurm)",
+                           description="The experiment script writes DIR/NAME/spec.json; this runs one of its stages "
+                           "here, exactly as a NeMo-Run task would. A stage with a checkpoint resumes from it.")
+    stage.add_argument("stage", choices=("import", "data", "cpt", "sft", "export", "eval"))
+    stage.add_argument("--spec", required=True, help="DIR/NAME/spec.json")
+    stage.add_argument("--target", choices=("cpt", "sft"), help="export: which trained stage")
+
     wandb = sub.add_parser("wandb", help="W&B helpers").add_subparsers(dest="wandb_command", required=True)
     sync = wandb.add_parser("sync", help="upload offline runs under DIR (needs WANDB_API_KEY)")
     sync.add_argument("dir")
@@ -131,6 +138,12 @@ def main(argv=None) -> int:
 
         out = compare_runs(args.runs, args.output)
         print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
+        return 0
+    if args.command == "stage":
+        from jp_peft.stages import run_stage
+
+        spec = json.loads(open(args.spec, encoding="utf-8").read())
+        run_stage(spec, args.stage, args.target)
         return 0
     if args.command == "wandb":
         from jp_peft.callbacks.wandb_run import sync_offline_runs

@@ -54,6 +54,9 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
     first = tasks[0].spec
     base_dir = first.group_dir / "nemo_run"
     base_dir.mkdir(parents=True, exist_ok=True)
+    for spec in {t.spec.run_dir: t.spec for t in tasks}.values():  # the resolved spec, for reruns and comparison
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        (spec.run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")
     for task in tasks:
         after = f" after {', '.join(task.depends_on)}" if task.depends_on else ""

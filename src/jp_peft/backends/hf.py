@@ -39,16 +39,17 @@ def resolve_precision(requested: str) -> str:
 
 
 class OffsetSampler(torch.utils.data.Sampler):
-    """Indices start..len-1 in order: a resumed run starts at global_step * global_batch_size."""
+    """Indices from `start()` to the end, in order. `start` is read when iteration begins, after
+    Lightning has restored a checkpoint: a resumed run starts at global_step * global_batch_size."""
 
-    def __init__(self, length: int, start: int):
+    def __init__(self, length: int, start):
         self.length, self.start = length, start
 
     def __iter__(self):
-        return iter(range(self.start, self.length))
+        return iter(range(self.start(), self.length))
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return self.length - self.start()
 
 
 class LoraLanguageModel(pl.LightningModule):
@@ -66,15 +67,20 @@ class LoraLanguageModel(pl.LightningModule):
         self.base_val: dict[str, float] = {}
         self.val_history: list[dict[str, Any]] = []
         self.last_batch_tokens = 0
-        self.completed_optimizer_step = False
+        self.last_grad_norm = float("nan")
         self.consumed_tokens = 0
+        self.automatic_optimization = False  # accumulation and clipping in training_step, see there
         # Only LoRA weights go into checkpoints; the frozen base is reloaded from base_dir.
         self.strict_loading = False
 
     # --- data --------------------------------------------------------------------------
     def train_dataloader(self):
-        start = self.trainer.global_step * self.train_spec.global_batch_size
-        return DataLoader(self.train_set, batch_size=self.train_spec.micro_batch_size,
+        # One loader batch is one optimizer step (the whole global batch; training_step splits
+        # it into micro batches), so a resumed run's position is exactly global_step batches in.
+        def start() -> int:
+            return self.trainer.global_step * self.train_spec.global_batch_size
+
+        return DataLoader(self.train_set, batch_size=self.train_spec.global_batch_size,
                           sampler=OffsetSampler(len(self.train_set), start), num_workers=0)
 
     def val_dataloader(self):
@@ -94,10 +100,26 @@ class LoraLanguageModel(pl.LightningModule):
         return loss, int((labels != -100).sum())
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self.forward_loss(batch)
+        """Gradient accumulation over micro batches, loss weighted by labelled tokens, clipping, one step."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        micro = self.train_spec.micro_batch_size
+        total_labels = int((batch["labels"] != -100).sum())
+        step_loss = torch.zeros((), device=self.device)
+        for start in range(0, batch["input_ids"].shape[0], micro):
+            micro_batch = {k: v[start:start + micro] for k, v in batch.items()}
+            loss, count = self.forward_loss(micro_batch)
+            weighted = loss * (count / max(total_labels, 1))
+            self.manual_backward(weighted)
+            step_loss += weighted.detach()
+        params = [p for p in self.parameters() if p.requires_grad]
+        max_norm = self.train_spec.grad_clip if self.train_spec.grad_clip > 0 else float("inf")
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # norm before clipping
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         real = batch["segment_ids"] > 0 if "segment_ids" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
         self.last_batch_tokens = int(real.sum())
-        return loss
+        return step_loss
 
     def on_validation_epoch_start(self):
         self._val_sums = {name: [0.0, 0] for name in self.val_names}
@@ -225,14 +247,12 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
         module.base_val = {lang: module.evaluate(lang, disable_adapter=True) for lang in val_sets}
         (stage_dir / "train_log.jsonl").unlink(missing_ok=True)
 
-    accumulate = train.global_batch_size // train.micro_batch_size
     step_metrics = StepMetrics(stage_dir / "train_log.jsonl", flops_per_token_fn(module.model, stage_spec))
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
                                               every_n_train_steps=train.ckpt_every_n_steps, save_top_k=-1, save_last=True)
     trainer = pl.Trainer(
         accelerator="auto", devices=1, precision=precision, max_steps=train.max_steps, max_epochs=-1,
-        accumulate_grad_batches=accumulate, gradient_clip_val=train.grad_clip or None,
-        val_check_interval=train.val_check_interval * accumulate, check_val_every_n_epoch=None,
+        val_check_interval=train.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=train.limit_val_batches, num_sanity_val_steps=0, logger=loggers or False,
         callbacks=[step_metrics, checkpoint, PreemptionCheckpoint(ckpt_dir / "last.ckpt"), *callbacks],
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False, default_root_dir=str(stage_dir),

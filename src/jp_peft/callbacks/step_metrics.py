@@ -42,27 +42,27 @@ class StepMetrics(pl.Callback):
         self.grad_norm = None
 
     def on_train_start(self, trainer, pl_module):
-        # A resumed run continues the counters where the checkpoint left them.
+        # A resumed run continues the counters where the checkpoint left them, and forgets the
+        # steps logged after that checkpoint (they are trained again): no step appears twice.
         self.consumed_tokens = int(getattr(pl_module, "consumed_tokens", 0))
         self.consumed_samples = trainer.global_step * pl_module.train_spec.global_batch_size
+        if self.log_path.exists():
+            rows = [line for line in self.log_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["trainer/global_step"] <= trainer.global_step]
+            self.log_path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.step_start is None:
             self.step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"].detach()) if isinstance(outputs, dict) else float(outputs))
+        # One batch is one optimizer step (backends/hf.py accumulates micro batches itself).
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
         self.tokens += int(pl_module.last_batch_tokens)
         self.samples += int(batch["input_ids"].shape[0])
-        if pl_module.completed_optimizer_step:
-            pl_module.completed_optimizer_step = False
-            self._log_step(trainer, pl_module)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        params = [p for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
-        norms = torch.stack([p.grad.detach().float().norm() for p in params]) if params else torch.zeros(1)
-        self.grad_norm = float(norms.norm())
-        pl_module.completed_optimizer_step = True
+        self.grad_norm = pl_module.last_grad_norm
+        self._log_step(trainer, pl_module)
 
     def _log_step(self, trainer, pl_module):
         seconds = max(time.perf_counter() - self.step_start, 1e-9)

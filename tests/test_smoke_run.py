@@ -1,0 +1,146 @@
+"""The main job end to end on CPU: the real CLI, NeMo-Run's local executor, the tiny Qwen2.
+
+Checks the artifacts of every stage, that the adapters trained, that adapter+base equals the
+merged model, that CPT lowers Japanese perplexity, and that a killed run resumes exactly.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jp_peft.experiment import resolve_spec
+from jp_peft.spec import load_preset
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["cpt.train.max_steps=16", "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=4",
+         "sft.train.max_steps=10", "sft.train.val_check_interval=5", "sft.train.limit_val_batches=4"]
+METRIC_KEYS = ("steps", "train_loss_first", "train_loss_last", "val_loss_ja", "val_ppl_ja", "val_loss_en", "val_ppl_en",
+               "base_val_ppl_ja", "base_val_ppl_en", "tokens_per_second", "trainable_params", "total_params",
+               "wall_seconds")
+# fp32 on CPU: the adapter computes x@A^T@B^T*s on the fly, the merged model has W + s*B@A; only the
+# summation order differs.
+LOGITS_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_base):
+    out = tmp_path_factory.mktemp("runs")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "local", "--smoke",
+                           "--output-dir", str(out), *SHORT], capture_output=True, text=True, timeout=900, cwd=REPO)
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "smoke", proc.stdout, wall
+
+
+def test_every_stage_writes_its_artifacts(smoke_run):
+    run_dir, stdout, wall = smoke_run
+    for stage in ("cpt", "sft"):
+        d = run_dir / stage
+        assert (d / "hf_adapter" / "adapter_config.json").exists()
+        assert (d / "hf_adapter" / "adapter_model.safetensors").exists()
+        assert (d / "hf_merged" / "config.json").exists() and (d / "hf_merged" / "tokenizer.json").exists()
+        metrics = json.loads((d / "metrics.json").read_text())
+        for key in METRIC_KEYS:
+            assert metrics[key] is not None, key
+        steps = 16 if stage == "cpt" else 10
+        assert metrics["steps"] == steps
+        assert 0 < metrics["trainable_params"] < metrics["total_params"]
+        assert json.loads((d / "export_check.json").read_text())["ok"]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    # the printed table: gain and forgetting per stage, and where the artifacts are
+    assert "JA before" in stdout and "EN before" in stdout and str(run_dir / "cpt" / "hf_adapter") in stdout
+
+
+def test_cpt_lowers_japanese_perplexity(smoke_run):
+    metrics = json.loads((smoke_run[0] / "cpt" / "metrics.json").read_text())
+    assert metrics["val_ppl_ja"] < metrics["base_val_ppl_ja"]
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+
+
+def test_sft_starts_from_the_cpt_result(smoke_run):
+    run_dir = smoke_run[0]
+    cpt = json.loads((run_dir / "cpt" / "metrics.json").read_text())
+    sft = json.loads((run_dir / "sft" / "metrics.json").read_text())
+    assert sft["base_model"] == str((run_dir / "cpt" / "hf_merged").resolve())
+    assert sft["base_val_ppl_ja"] == pytest.approx(cpt["val_ppl_ja"], rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["cpt", "sft"])
+def test_adapter_trained_and_matches_merged_model(smoke_run, stage):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    d = smoke_run[0] / stage
+    weights = load_file(d / "hf_adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert len(lora_b) == 4 * 7  # 4 layers x 7 projections
+    assert all(float(b.abs().max()) > 0 for b in lora_b)  # B starts at zero: every one of them moved
+    config = json.loads((d / "hf_adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]).is_dir()
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"])
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    adapted = PeftModel.from_pretrained(base, d / "hf_adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(d / "hf_merged").eval()
+    ids = torch.randint(0, merged.config.vocab_size - 64, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        with adapted.disable_adapter():
+            plain = adapted(input_ids=ids).logits
+    assert (a - b).abs().max() < LOGITS_ATOL
+    assert (a - plain).abs().max() > 1e-3  # and the adapter does change the model
+
+
+def _stage_spec(run_dir: Path, name: str, tmp: Path) -> Path:
+    values = load_preset(REPO / "recipes/configs/smoke.yaml")
+    spec = resolve_spec(values, [f"output_dir={run_dir.parent}", f"name={name}", "group=smoke", "stages=[cpt]",
+                                 "lora.dropout=0.0", "cpt.train.max_steps=16", "cpt.train.ckpt_every_n_steps=4",
+                                 "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=2", "wandb.enabled=false"])
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    return path
+
+
+def _losses(run_dir: Path, name: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(run_dir.parent / name / "cpt" / "train_log.jsonl")]
+    steps = [r["trainer/global_step"] for r in rows]
+    assert steps == sorted(set(steps)), f"a step was logged twice: {steps}"
+    return {r["trainer/global_step"]: r["train/loss"] for r in rows}
+
+
+def test_killed_run_resumes_without_repeating_or_skipping_steps(smoke_run, tmp_path):
+    run_dir = smoke_run[0]
+    command = [sys.executable, "-m", "jp_peft.cli", "stage", "cpt", "--spec"]
+    reference = _stage_spec(run_dir, "resume_reference", tmp_path)
+    subprocess.run([*command, str(reference)], check=True, capture_output=True, timeout=600)
+
+    killed = _stage_spec(run_dir, "resume_killed", tmp_path)
+    ckpt = run_dir.parent / "resume_killed" / "cpt" / "checkpoints" / "step=000008.ckpt"
+    proc = subprocess.Popen([*command, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint at step 8 before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: as a node failure would
+    proc.wait()
+    metrics_path = run_dir.parent / "resume_killed" / "cpt" / "metrics.json"
+    assert not metrics_path.exists()
+    subprocess.run([*command, str(killed)], check=True, capture_output=True, timeout=600)
+
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["resumed_from"] and metrics["steps"] == 16
+    ref, got = _losses(run_dir, "resume_reference"), _losses(run_dir, "resume_killed")
+    assert sorted(got) == list(range(1, 17))
+    for step in range(1, 17):  # same samples in the same order: the same loss at every step
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), step
