@@ -38,3 +38,27 @@ def tiny_base() -> Path:
     from jp_peft.tiny import ensure_tiny_base
 
     return ensure_tiny_base()
+
+
+# The smoke run the integration tests share: short, but every stage, through the real CLI and
+# NeMo-Run's local executor. A fake W&B key is in its environment (offline mode) so that tests
+# can prove the key never lands in anything the run writes.
+FAKE_WANDB_KEY = "fakekey0123456789abcdef0123456789abcdef01"
+SMOKE_OVERRIDES = ["cpt.train.max_steps=16", "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=4",
+                   "sft.train.max_steps=10", "sft.train.val_check_interval=5", "sft.train.limit_val_batches=4"]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, tiny_base):
+    import subprocess
+    import time
+
+    out = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "WANDB_API_KEY": FAKE_WANDB_KEY, "WANDB_MODE": "offline"}
+    started = time.perf_counter()
+    proc = subprocess.run([PYTHON, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "local", "--smoke",
+                           "--output-dir", str(out), *SMOKE_OVERRIDES], capture_output=True, text=True, timeout=900,
+                          cwd=REPO, env=env)
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "smoke", proc.stdout, wall

@@ -20,25 +20,12 @@ from jp_peft.spec import load_preset
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["cpt.train.max_steps=16", "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=4",
-         "sft.train.max_steps=10", "sft.train.val_check_interval=5", "sft.train.limit_val_batches=4"]
 METRIC_KEYS = ("steps", "train_loss_first", "train_loss_last", "val_loss_ja", "val_ppl_ja", "val_loss_en", "val_ppl_en",
                "base_val_ppl_ja", "base_val_ppl_en", "tokens_per_second", "trainable_params", "total_params",
                "wall_seconds")
 # fp32 on CPU: the adapter computes x@A^T@B^T*s on the fly, the merged model has W + s*B@A; only the
 # summation order differs.
 LOGITS_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, tiny_base):
-    out = tmp_path_factory.mktemp("runs")
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "local", "--smoke",
-                           "--output-dir", str(out), *SHORT], capture_output=True, text=True, timeout=900, cwd=REPO)
-    wall = time.perf_counter() - started
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out / "smoke", proc.stdout, wall
 
 
 def test_every_stage_writes_its_artifacts(smoke_run):

@@ -145,7 +145,6 @@ class LoraLanguageModel(pl.LightningModule):
                 row[f"val/{name}_ppl_{key}"] = (base_ppl - math.exp(loss)) / base_ppl if key == "gain" \
                     else (math.exp(loss) - base_ppl) / base_ppl
         self.val_history.append(row)
-        self.log("val_loss", row.get("val/ja_loss", next(iter(self._val_sums.values()))[0]), prog_bar=True)
         for logger in self.trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "trainer/global_step"}, step=self.trainer.global_step)
 
@@ -241,6 +240,9 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.model.parameters())
 
+    for logger in loggers:
+        logger.log_hyperparams({"params": {"trainable": trainable, "total": total,
+                                           "trainable_percent": 100.0 * trainable / total}})
     ckpt_dir = stage_dir / "checkpoints"
     resume_from = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else None
     if resume_from is None:  # the base's own perplexities, before any training of this stage
