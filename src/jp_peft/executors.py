@@ -88,8 +88,9 @@ def load_profile(name_or_path: str) -> SlurmProfile:
         for key in ("host", "user", "job_dir"):
             if not tunnel.get(key):
                 raise ProfileError(f"{path}: tunnel.{key} is required for an ssh tunnel")
+    repo = str(REPO_ROOT)
     for key in ("container_mounts", "setup"):
-        values[key] = tuple(values.get(key) or ())
+        values[key] = tuple(str(v).replace("{repo}", repo) for v in (values.get(key) or ()))
     for key in ("env",):
         values[key] = {str(k): str(v) for k, v in (values.get(key) or {}).items()}
         for env_key in values[key]:

@@ -52,7 +52,8 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
            profile: str, dryrun: bool, wait: bool) -> int:
     tasks = plan(values, overrides, sweep, stages)
     first = tasks[0].spec
-    base_dir = first.group_dir / "nemo_run"
+    # Not ".../nemo_run": NeMo-Run rewrites every "/nemo_run" in a bare-metal sbatch script to the job dir.
+    base_dir = first.group_dir / "launches"
     base_dir.mkdir(parents=True, exist_ok=True)
     for spec in {t.spec.run_dir: t.spec for t in tasks}.values():  # the resolved spec, for reruns and comparison
         spec.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,10 +69,27 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
             exp.dryrun(delete_exp_dir=True)
             return 0
         started = time.perf_counter()
-        exp.run(sequential=False, detach=(executor == "slurm" and not wait), tail_logs=False)
-    if executor == "slurm" and not wait:
-        print(f"submitted; follow with `squeue` and the logs under {base_dir / 'experiments'}")
+        exp.run(sequential=False, detach=(executor == "slurm"), tail_logs=False)
+    if executor == "slurm":
+        return follow_slurm(tasks, exp, wait, started)
+    return report(tasks, exp, time.perf_counter() - started)
+
+
+def follow_slurm(tasks: list[PlannedTask], exp, wait: bool, started: float) -> int:
+    """Print each task's job id and log; with --wait, follow them to the end (scontrol, no sacct needed)."""
+    from jp_peft.slurm_jobs import job_id_of, wait_for
+
+    jobs = {job.id: job_id_of(job.handle) for job in exp.jobs}
+    for job in exp.jobs:
+        print(f"  {job.id}: slurm job {jobs[job.id]}, log {job.executor.job_details.stdout}")
+    if not wait:
+        print("submitted; follow with `squeue`, or rerun with --wait")
         return 0
+    states = wait_for(jobs)
+    for job in exp.jobs:
+        state, reason = states[job.id]
+        if state != "COMPLETED":
+            print(f"FAILED: {job.id}: {state} ({reason}); log: {job.executor.job_details.stdout}", file=sys.stderr)
     return report(tasks, exp, time.perf_counter() - started)
 
 

@@ -63,3 +63,24 @@ def log_adapter_artifact(logger, exp: ExperimentSpec, stage: str, adapter_dir: P
     artifact = wandb.Artifact(name=f"{exp.name}-{stage}-adapter", type="lora-adapter", metadata=metadata)
     artifact.add_dir(str(adapter_dir))
     logger.experiment.log_artifact(artifact)
+
+
+def sync_offline_runs(directory: str) -> int:
+    """Upload every offline run under `directory` with `wandb sync` (the key comes from the environment)."""
+    import shutil
+    import subprocess
+    import sys
+
+    runs = sorted(p for p in Path(directory).rglob("offline-run-*") if p.is_dir())
+    if not runs:
+        print(f"error: no offline W&B runs under {directory}", file=sys.stderr)
+        return 2
+    if not os.environ.get("WANDB_API_KEY"):
+        print("error: WANDB_API_KEY is not set; export it (or run `wandb login`) and retry", file=sys.stderr)
+        return 2
+    wandb_cli = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    failed = 0
+    for run in runs:
+        print(f"syncing {run}", flush=True)
+        failed += subprocess.run([wandb_cli, "sync", str(run)]).returncode != 0
+    return 1 if failed else 0

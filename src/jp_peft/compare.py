@@ -1,0 +1,138 @@
+"""`jp-peft compare RUN_DIR...`: one table and two plots for a set of finished runs, offline.
+
+Reads each run's own files (spec.json, <stage>/metrics.json, <stage>/train_log.jsonl): the
+config keys that differ between runs, final Japanese/English perplexity, gain, forgetting,
+throughput, MFU and wall time; train loss against tokens; the JA-vs-EN perplexity trade-off.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+STAGES = ("cpt", "sft")
+IGNORED_KEYS = ("name", "group", "output_dir")  # differ by construction, say nothing about the recipe
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+        return out
+    return {prefix: json.dumps(node) if isinstance(node, list) else node}
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    spec_path = run_dir / "spec.json"
+    if not spec_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no spec.json; is this a run directory (DIR/NAME)?")
+    run = {"dir": run_dir, "name": run_dir.name, "spec": json.loads(spec_path.read_text()), "stages": {}}
+    for stage in STAGES:
+        metrics = run_dir / stage / "metrics.json"
+        if metrics.exists():
+            log = run_dir / stage / "train_log.jsonl"
+            rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+            run["stages"][stage] = {"metrics": json.loads(metrics.read_text()), "log": rows}
+    if not run["stages"]:
+        raise FileNotFoundError(f"{run_dir}: no finished stage (no <stage>/metrics.json)")
+    return run
+
+
+def config_differences(runs: list[dict]) -> list[str]:
+    flat = [_flatten(r["spec"]) for r in runs]
+    keys = sorted(set().union(*flat))
+    return [k for k in keys if not k.split(".")[-1] in IGNORED_KEYS and "source" not in k and "prefix" not in k
+            and len({json.dumps(f.get(k)) for f in flat}) > 1]
+
+
+def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        flat = _flatten(run["spec"])
+        last_stage = [s for s in STAGES if s in run["stages"]][-1]
+        first = run["stages"][[s for s in STAGES if s in run["stages"]][0]]["metrics"]
+        last = run["stages"][last_stage]["metrics"]
+        mfu = [r["perf/mfu"] for s in run["stages"].values() for r in s["log"] if r.get("perf/mfu") is not None]
+        row = {"run": run["name"], **{k: flat.get(k) for k in diff_keys},
+               "stages": "+".join(run["stages"]),
+               "ja_ppl_base": first["base_val_ppl_ja"], "ja_ppl": last["val_ppl_ja"],
+               "ja_gain_%": 100 * (first["base_val_ppl_ja"] - last["val_ppl_ja"]) / first["base_val_ppl_ja"],
+               "en_ppl_base": first["base_val_ppl_en"], "en_ppl": last["val_ppl_en"],
+               "en_forgetting_%": 100 * (last["val_ppl_en"] - first["base_val_ppl_en"]) / first["base_val_ppl_en"],
+               "tokens_per_s": sum(s["metrics"]["tokens_per_second"] for s in run["stages"].values()) / len(run["stages"]),
+               "mfu_%": 100 * sum(mfu) / len(mfu) if mfu else None,
+               "wall_s": sum(s["metrics"]["wall_seconds"] for s in run["stages"].values())}
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    headers = list(rows[0])
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(_fmt(r[h]) for h in headers) + " |" for r in rows]
+    md_path = out / "compare.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[h]))}</td>" for h in headers) + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    html_path = out / "compare.html"
+    html_path.write_text(f"<!doctype html><meta charset='utf-8'><title>jp-peft compare</title>"
+                         f"<table border='1'><tr>{head}</tr>{cells}</table>"
+                         f"<p><img src='loss_vs_tokens.png'> <img src='ja_vs_en_ppl.png'></p>\n", encoding="utf-8")
+    return md_path, html_path
+
+
+def write_plots(runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        offset = 0
+        for stage, data in run["stages"].items():
+            xs = [offset + r["perf/consumed_tokens"] for r in data["log"]]
+            ax.plot(xs, [r["train/loss"] for r in data["log"]], label=f"{run['name']} {stage}")
+            offset = xs[-1] if xs else offset
+    ax.set_xlabel("tokens"), ax.set_ylabel("train loss"), ax.legend(fontsize=7), ax.set_title("train loss vs tokens")
+    loss_png = out / "loss_vs_tokens.png"
+    fig.tight_layout(), fig.savefig(loss_png, dpi=100), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for run in runs:
+        stages = list(run["stages"].values())
+        points = [(stages[0]["metrics"]["base_val_ppl_ja"], stages[0]["metrics"]["base_val_ppl_en"])]
+        points += [(s["metrics"]["val_ppl_ja"], s["metrics"]["val_ppl_en"]) for s in stages]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run["name"])
+        for (x, y), tag in zip(points, ["base", *run["stages"]]):
+            ax.annotate(tag, (x, y), fontsize=7)
+    ax.set_xlabel("Japanese validation ppl (lower: gain)"), ax.set_ylabel("English validation ppl (higher: forgetting)")
+    ax.legend(fontsize=7), ax.set_title("JA gain vs EN forgetting")
+    tradeoff_png = out / "ja_vs_en_ppl.png"
+    fig.tight_layout(), fig.savefig(tradeoff_png, dpi=100), plt.close(fig)
+    return [loss_png, tradeoff_png]
+
+
+def compare_runs(run_dirs: list[str], output: str) -> dict[str, Any]:
+    runs = [load_run(Path(d)) for d in run_dirs]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    diff = config_differences(runs)
+    rows = summary_rows(runs, diff)
+    md, html_path = write_tables(rows, out)
+    plots = write_plots(runs, out)
+    (out / "compare.json").write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")
+    return {"markdown": md, "html": html_path, "plots": plots, "rows": rows,
+            "finite": all(math.isfinite(r["ja_ppl"]) for r in rows)}
