@@ -20,7 +20,7 @@ DATA_DIR = REPO_ROOT / "data"
 # files stay unseen so that perplexities measured on them are honest).
 TOKENIZER_FILES = ("ja/cpt.train.jsonl", "en/replay.train.jsonl", "ja/sft_alpaca.train.jsonl")
 BASE_FILES = {"ja/cpt.train.jsonl": 0.35, "en/replay.train.jsonl": 0.65}
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 
 # Qwen2.5's pre-tokenizer split pattern (contractions, letters, single digits, punctuation, spaces).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -31,9 +31,9 @@ CHAT_TEMPLATE = (
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-TINY = dict(vocab_size=8000, hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+TINY = dict(vocab_size=2048, hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
             intermediate_size=512, max_position_embeddings=1024)
-PRETRAIN = dict(steps=300, seq_length=256, batch_size=4, lr=3e-3, warmup=30, seed=0)
+PRETRAIN = dict(steps=150, seq_length=256, batch_size=4, lr=3e-3, warmup=30, seed=0)
 
 
 def cache_root() -> Path:
