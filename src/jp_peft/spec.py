@@ -338,6 +338,12 @@ def build(cls, values: dict[str, Any], path: str = ""):
         return cls(**kwargs)
     except TypeError as exc:  # e.g. a list where a number belongs
         raise SpecError(f"{path or cls.__name__}: {exc}") from None
+    except SpecError as exc:
+        # Sections name their fields from their own section ("train.lr"); give the full path ("cpt.train.lr").
+        message, section = str(exc), path.rsplit(".", 1)[-1]
+        if path and "." in path and message.startswith(section + "."):
+            raise SpecError(path + message[len(section):]) from None
+        raise
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -1,0 +1,118 @@
+"""NeMo 2.0 recipes: discovery (every factory builds offline) and field-by-field values."""
+
+import importlib
+import inspect
+import pkgutil
+
+import nemo_run as run
+import pytest
+from nemo.collections import llm
+
+import recipes
+from recipes import qwen25_500m_ja as recipe
+
+pytestmark = pytest.mark.unit
+
+
+def all_factories():
+    found = []
+    for module_info in pkgutil.iter_modules(recipes.__path__):
+        module = importlib.import_module(f"recipes.{module_info.name}")
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ == module.__name__ and not name.startswith("_"):
+                found.append((module.__name__, name, fn))
+    return found
+
+
+def test_every_recipe_factory_builds_with_defaults_and_is_registered():
+    import catalogue
+
+    factories = all_factories()
+    assert len(factories) >= 4, factories  # model, import_base, cpt_lora, sft_lora
+    registered = {key[-1] for key in catalogue.REGISTRY}
+    for module, name, fn in factories:
+        built = fn()
+        assert isinstance(built, (run.Config, run.Partial)), (module, name)
+    # @run.cli.factory put them in NeMo-Run's registry, under NVIDIA's targets
+    assert {"qwen25_500m_ja", "qwen25_500m_ja_import", "qwen25_500m_ja_cpt", "qwen25_500m_ja_sft"} <= registered
+    assert any(key[-2:] == ("nemo.collections.llm.api.finetune", "qwen25_500m_ja_cpt") for key in catalogue.REGISTRY)
+
+
+def test_nemo_base_recipe_composes():
+    """The real stack: NVIDIA's own Qwen2.5-0.5B finetune recipe builds (issue: foundation)."""
+    base = llm.qwen25_500m.finetune_recipe(name="x", dir="/tmp/x", num_nodes=1, num_gpus_per_node=1, peft_scheme="lora")
+    assert base.__fn_or_cls__ is llm.finetune
+    assert base.model.__fn_or_cls__ is llm.Qwen2Model
+    assert base.model.config.__fn_or_cls__ is llm.Qwen25Config500M
+
+
+def test_cpt_recipe_values():
+    cpt = recipe.cpt_lora()
+    assert cpt.__fn_or_cls__ is llm.finetune
+    assert cpt.model.config.__fn_or_cls__ is llm.Qwen25Config500M
+    # PEFT: all seven projections -> fused LoRA on the four Megatron layers
+    assert cpt.peft.__fn_or_cls__ is llm.peft.LoRA
+    assert cpt.peft.target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    assert (cpt.peft.dim, cpt.peft.alpha, cpt.peft.dropout, cpt.peft.dropout_position) == (32, 16, 0.1, "pre")
+    # Data: the weighted blend in Megatron's [w, prefix, ...] form
+    assert cpt.data.__fn_or_cls__ is llm.PreTrainingDataModule
+    train = cpt.data.paths["train"]
+    assert train[0::2] == [0.9, 0.1]
+    assert train[1].endswith("data/ja_cpt_text_document") and train[3].endswith("data/en_replay_text_document")
+    assert cpt.data.paths["validation"][0].endswith("ja_cpt_val_text_document")
+    assert (cpt.data.seq_length, cpt.data.micro_batch_size, cpt.data.global_batch_size) == (2048, 4, 16)
+    # Trainer and parallelism
+    t = cpt.trainer
+    assert (t.max_steps, t.val_check_interval, t.num_nodes, t.devices, t.gradient_clip_val) == (1000, 100, 1, 1, 1.0)
+    assert (t.strategy.tensor_model_parallel_size, t.strategy.pipeline_model_parallel_size,
+            t.strategy.context_parallel_size) == (1, 1, 1)
+    assert t.plugins.precision == "bf16-mixed"
+    # Optimiser: cosine with warmup
+    assert (cpt.optim.config.lr, cpt.optim.config.clip_grad, cpt.optim.lr_scheduler.warmup_steps) == (1e-4, 1.0, 100)
+    # Logging: W&B + TensorBoard, checkpoints every N steps
+    wandb = cpt.log.wandb
+    assert (wandb.project, wandb.group, wandb.job_type, wandb.name) == ("jp-peft", "qwen_lora_ja", "cpt", "cpt:qwen_lora_ja")
+    assert "cpt" in wandb.tags and wandb.config["spec"]["lora"]["rank"] == 32
+    assert cpt.log.tensorboard is not None
+    assert cpt.log.ckpt.every_n_train_steps == 100
+    # Resume: continue a requeued job, else start from the imported base
+    assert cpt.resume.resume_if_exists and cpt.resume.resume_ignore_no_checkpoint
+    assert cpt.resume.restore_config.path.endswith("models/Qwen/Qwen2.5-0.5B")
+
+
+def test_sft_recipe_values():
+    sft = recipe.sft_lora()
+    assert sft.data.__fn_or_cls__ is llm.FineTuningDataModule
+    assert sft.data.dataset_root.endswith("data/ja_sft")
+    assert sft.data.packed_sequence_specs.packed_sequence_size == 2048
+    assert sft.data.dataset_kwargs["prompt_template"] == "{input}{output}"
+    assert sft.resume.restore_config.path.endswith("cpt/nemo_merged")  # starts from the merged CPT model
+    assert sft.log.wandb.job_type == "sft"
+
+
+def test_overrides_and_parallel_layout_reach_the_recipe(tmp_path):
+    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import load_preset
+
+    spec = resolve_spec(load_preset(recipe.PRESET), ["lora.target_modules=[q_proj,v_proj]", "lora.rank=8",
+                                                     "cluster.num_nodes=2", "cluster.gpus_per_node=8",
+                                                     "cluster.tensor_parallel=2", "train.global_batch_size=64"])
+    cpt = recipe.cpt_lora(spec=spec.to_dict())
+    assert cpt.peft.__fn_or_cls__ is llm.peft.CanonicalLoRA and cpt.peft.target_modules == ["linear_q", "linear_v"]
+    assert cpt.peft.dim == 8
+    assert (cpt.trainer.num_nodes, cpt.trainer.devices, cpt.trainer.strategy.tensor_model_parallel_size) == (2, 8, 2)
+    assert cpt.data.global_batch_size == 64
+
+
+def test_import_base_is_skipped_when_present(tmp_path, monkeypatch):
+    from jp_peft.backends import megatron
+
+    monkeypatch.setenv("NEMO_HOME", str(tmp_path))
+    target = megatron.imported_base_path("Qwen/Qwen2.5-0.5B")
+    assert target == tmp_path / "models" / "Qwen" / "Qwen2.5-0.5B"
+    (target / "context").mkdir(parents=True)
+    (target / "weights").mkdir()
+    assert megatron.import_base("Qwen/Qwen2.5-0.5B", str(target)) == str(target)  # no import attempted
+    local = tmp_path / "hf" / "Qwen2.5-0.5B"
+    local.mkdir(parents=True)
+    assert megatron.imported_base_path(str(local)) == tmp_path / "models" / "local" / "Qwen2.5-0.5B"

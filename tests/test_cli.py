@@ -1,0 +1,58 @@
+"""The command lines answer fast, explain themselves, and refuse what cannot run here clearly."""
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def _timed(cmd):
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    return proc, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("cmd", [
+    [shutil.which("jp-peft") or str(Path(sys.executable).with_name("jp-peft")), "--help"],
+    [sys.executable, "experiments/qwen_lora_ja.py", "--help"],
+])
+def test_help_answers_in_under_three_seconds(cmd):
+    proc, seconds = _timed(cmd)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    assert seconds < 3.0, f"{cmd} took {seconds:.2f} s"
+
+
+def test_megatron_backend_without_cuda_exits_2_with_what_to_do():
+    if shutil.which("nvidia-smi") and Path("/dev/nvidiactl").exists():
+        pytest.skip("this machine has a GPU: the Megatron backend would run")
+    proc, seconds = _timed([sys.executable, "experiments/qwen_lora_ja.py", "--executor", "local"])
+    assert proc.returncode == 2
+    for hint in ("--smoke", "--backend hf", "--dryrun"):
+        assert hint in proc.stderr
+    assert "Traceback" not in proc.stderr and seconds < 3.0  # before importing anything heavy
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--smoke", "lora.rank=0"], "lora.rank: must be a positive integer"),
+    (["--smoke", "lora.target_modules=[q_proj,qkv]"], "lora.target_modules: unknown module 'qkv'"),
+    (["--smoke", "cpt.train.global_batch_size=10"], "cpt.train.global_batch_size: 10 is not divisible"),
+    (["--smoke", "cpt.train.max_step=3"], "did you mean 'max_steps'"),
+    (["--smoke", "--stages", "cpt", "--output-dir", "/nonexistent-jp-peft"], "cpt.data.blend[ja]: not prepared yet"),
+])
+def test_invalid_specs_fail_before_launch_naming_the_field(args, message):
+    proc, _ = _timed([sys.executable, "experiments/qwen_lora_ja.py", *args])
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_prepare_rejects_bad_arguments_without_traceback(tmp_path):
+    proc, _ = _timed([sys.executable, "-m", "jp_peft.cli", "data", "prepare", "--input", str(tmp_path / "missing.jsonl"),
+                      "--tokenizer", "x", "--output-prefix", str(tmp_path / "o")])
+    assert proc.returncode == 2 and "--input" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,46 @@
+"""Spec LoRA targets (HF names) -> NeMo LoRA / CanonicalLoRA, and back, exactly or not at all."""
+
+import pytest
+
+from jp_peft.lora_mapping import LoraMappingError, nemo_peft_kwargs, to_hf_targets, to_nemo_targets
+from jp_peft.spec import HF_LORA_TARGETS, LoraSpec
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("hf, cls, nemo", [
+    (HF_LORA_TARGETS, "LoRA", ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")),
+    (("q_proj", "k_proj", "v_proj"), "LoRA", ("linear_qkv",)),
+    (("o_proj", "down_proj"), "LoRA", ("linear_proj", "linear_fc2")),
+    (("gate_proj", "up_proj"), "LoRA", ("linear_fc1",)),
+    (("q_proj", "v_proj"), "CanonicalLoRA", ("linear_q", "linear_v")),
+    (("q_proj", "k_proj", "v_proj", "up_proj"), "CanonicalLoRA", ("linear_q", "linear_k", "linear_v", "linear_fc1_up")),
+    (("gate_proj",), "CanonicalLoRA", ("linear_fc1_gate",)),
+])
+def test_translation_picks_the_exact_nemo_adapter(hf, cls, nemo):
+    targets = to_nemo_targets(hf)
+    assert (targets.peft_class, targets.target_modules) == (cls, nemo)
+    assert set(to_hf_targets(cls, nemo)) == set(hf)  # round trip
+
+
+def test_rank_alpha_dropout_carry_over():
+    cls, kwargs = nemo_peft_kwargs(LoraSpec(rank=8, alpha=32, dropout=0.05, target_modules=("q_proj", "v_proj")))
+    assert cls == "CanonicalLoRA"
+    assert kwargs == {"target_modules": ["linear_q", "linear_v"], "dim": 8, "alpha": 32, "dropout": 0.05,
+                      "dropout_position": "pre"}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (("q_proj", "qkv_proj"), "not Qwen2 projections"),
+    ((), "empty"),
+])
+def test_inexpressible_targets_are_errors(bad, match):
+    with pytest.raises(LoraMappingError, match=match):
+        to_nemo_targets(bad)
+
+
+def test_no_exact_hf_equivalent_is_an_error():
+    with pytest.raises(LoraMappingError, match="linear_fc1_up"):
+        to_hf_targets("LoRA", ["linear_fc1_up"])
+    with pytest.raises(LoraMappingError, match="linear_qkv"):
+        to_hf_targets("CanonicalLoRA", ["linear_qkv"])
