@@ -58,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     adapter = export.add_parser("adapter", help="NeMo Qwen2 LoRA checkpoint -> Hugging Face PEFT adapter")
     adapter.add_argument("--checkpoint", required=True)
     adapter.add_argument("--output", required=True)
-    adapter.add_argument("--base", help="base_model_name_or_path to write (default: from the checkpoint)")
     nemo = export.add_parser("nemo", help="NeMo 2 checkpoint directory -> single-file .nemo archive (verified)")
     nemo.add_argument("--checkpoint", required=True)
     nemo.add_argument("--output", required=True)

@@ -25,8 +25,9 @@ STAGE_OUTPUT = {
 TRAINING = ("cpt", "sft")
 
 
-def executor_factory(kind: str, profile_name: str, base_dir: Path):
-    from jp_peft.executors import load_profile, local_executor, slurm_executor
+def executor_factory(kind: str, profile_name, base_dir: Path):
+    """`profile_name`: a name or path of slurm/*.yaml, or an already loaded SlurmProfile."""
+    from jp_peft.executors import SlurmProfile, load_profile, local_executor, slurm_executor
 
     if kind == "local":
         def for_task(task: PlannedTask):
@@ -35,7 +36,7 @@ def executor_factory(kind: str, profile_name: str, base_dir: Path):
             return local_executor(devices=devices, torchrun=megatron_training)
         return for_task
 
-    profile = load_profile(profile_name)
+    profile = profile_name if isinstance(profile_name, SlurmProfile) else load_profile(profile_name)
 
     def for_task(task: PlannedTask):
         spec = task.spec
@@ -113,3 +114,18 @@ def task_log(exp, task: PlannedTask) -> str:
     job_dir = Path(exp._exp_dir) / task.name
     logs = sorted(job_dir.glob("**/*log*")) if job_dir.exists() else []
     return str(logs[0]) if logs else str(job_dir)
+
+
+def render_sbatch_scripts(tasks: list[PlannedTask], profile) -> dict[str, str]:
+    """The sbatch script NeMo-Run would submit for each task (a dry run; nothing is submitted)."""
+    first = tasks[0].spec
+    base_dir = first.group_dir / "launches"
+    exp = new_experiment(first.group_name, base_dir)
+    with exp:
+        add_tasks(exp, tasks, executor_factory("slurm", profile, base_dir))
+        exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
+        scripts = {}
+        for job in exp.jobs:
+            path = Path(exp._exp_dir) / f"{job.executor.job_name}_sbatch.sh"
+            scripts[job.id] = path.read_text(encoding="utf-8")
+    return scripts

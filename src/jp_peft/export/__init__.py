@@ -1,0 +1,1 @@
+"""Export: NeMo Megatron LoRA -> Hugging Face PEFT adapters, merged models, .nemo archives."""

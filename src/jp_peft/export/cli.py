@@ -1,0 +1,31 @@
+"""`jp-peft export adapter|nemo`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def run_export_command(args) -> int:
+    if args.export_command == "nemo":
+        from jp_peft.export.nemo_archive import ArchiveError, write_nemo_archive
+
+        try:
+            report = write_nemo_archive(args.checkpoint, args.output)
+        except ArchiveError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(report, indent=2))
+        return 0
+    from nemo.collections import llm
+
+    from jp_peft.export.hf_peft import AdapterExportError, register_qwen2_hf_peft_exporter
+
+    register_qwen2_hf_peft_exporter()
+    try:
+        out = llm.export_ckpt(path=args.checkpoint, target="hf-peft", output_path=args.output, overwrite=True)
+    except AdapterExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0

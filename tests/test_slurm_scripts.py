@@ -1,0 +1,116 @@
+"""sbatch scripts NeMo-Run renders for the example profiles, compared with golden files.
+
+Container (Pyxis) and bare-metal, 1 and 2 nodes, a sweep; the dependency graph is checked
+beside them. Regenerate on purpose only: JP_PEFT_REGEN_GOLDEN=1 pytest tests/test_slurm_scripts.py
+"""
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from jp_peft.executors import ProfileError, load_profile
+from jp_peft.experiment import plan
+from jp_peft.launch import render_sbatch_scripts
+from jp_peft.spec import load_preset
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+pytestmark = pytest.mark.slurm
+PREPARED = ["cpt.data.blend=[{name: ja, weight: 1.0, prefix: {ROOT}/data/ja_web_text_document}]",
+            "cpt.data.val_ja={ROOT}/data/ja_val_text_document", "cpt.data.val_en={ROOT}/data/en_val_text_document",
+            "sft.data.val_ja={ROOT}/data/ja_val_text_document", "sft.data.val_en={ROOT}/data/en_val_text_document",
+            "sft.data.sft_train={ROOT}/data/ja_sft/training.jsonl"]
+CASES = {
+    # name: (preset, profile, overrides, sweep)
+    "local_hf_sweep": ("smoke.yaml", "local", ["stages=[data,cpt,sft]"], ["lora.rank=8,16"]),
+    "pyxis_2nodes": ("qwen25_500m_ja.yaml", "h100_pyxis",
+                     ["stages=[cpt,export,sft]", "cluster.num_nodes=2", "cluster.gpus_per_node=8",
+                      "train.global_batch_size=64", *PREPARED], []),
+    "baremetal_1node": ("qwen25_500m_ja.yaml", "baremetal_venv",
+                        ["stages=[cpt,sft]", "cluster.gpus_per_node=8", "train.global_batch_size=32", *PREPARED], []),
+}
+
+
+@pytest.fixture(autouse=True)
+def real_stdin(monkeypatch):
+    """NeMo-Run runs shell commands through invoke, which reads stdin: pytest's capture refuses that."""
+    import sys
+
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr(sys, "stdin", devnull)
+        yield
+
+
+def normalise(script: str, root: Path) -> str:
+    script = script.replace(str(root), "<ROOT>").replace(str(REPO), "<REPO>")
+    return re.sub(r"(\w+)_\d{15,}", r"\1_<ID>", script)
+
+
+def render_case(name: str, root: Path):
+    preset, profile_name, overrides, sweep = CASES[name]
+    for prefix in ("ja_web", "ja_val", "en_val"):
+        for ext in (".bin", ".idx"):
+            (root / "data").mkdir(parents=True, exist_ok=True)
+            (root / "data" / f"{prefix}_text_document{ext}").touch()
+    (root / "data" / "ja_sft").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "ja_sft" / "training.jsonl").touch()
+    profile = load_profile(profile_name)
+    if profile.tunnel.get("type") == "ssh":  # render here: the script is the same, no connection needed
+        profile = dataclasses.replace(profile, tunnel={"type": "local"})
+    overrides = [o.replace("{ROOT}", str(root)) for o in overrides] + [f"output_dir={root / 'runs'}"]
+    tasks = plan(load_preset(REPO / "recipes/configs" / preset), overrides, sweep)
+    return tasks, render_sbatch_scripts(tasks, profile)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sbatch_scripts_match_golden_files(case, tmp_path):
+    tasks, scripts = render_case(case, tmp_path)
+    assert set(scripts) == {t.name for t in tasks}
+    for task in tasks:
+        got = normalise(scripts[task.name], tmp_path)
+        path = GOLDEN / case / f"{task.name}.sbatch"
+        if os.environ.get("JP_PEFT_REGEN_GOLDEN"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(got)
+        assert path.exists(), f"no golden file {path}; regenerate with JP_PEFT_REGEN_GOLDEN=1"
+        assert got == path.read_text(), f"{task.name}: rendered script differs from {path}"
+
+
+def test_scripts_carry_the_cluster_layout_and_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "fakekey-should-never-appear-0123456789")
+    tasks, scripts = render_case("pyxis_2nodes", tmp_path)
+    cpt = scripts["qwen_lora_ja-cpt"]
+    assert "#SBATCH --nodes=2" in cpt and "#SBATCH --gpus-per-node=8" in cpt
+    assert "--container-image nvcr.io/nvidia/nemo:25.09" in cpt and "torchrun" in cpt
+    assert "#SBATCH --requeue" in cpt and "#SBATCH --signal=USR1@300" in cpt
+    assert "cat ~/.config/jp-peft/wandb_key" in cpt  # read by the job at run time
+    for script in scripts.values():
+        assert "fakekey-should-never-appear" not in script
+    deps = {t.name: t.depends_on for t in tasks}
+    assert deps["qwen_lora_ja-export-cpt"] == ["qwen_lora_ja-cpt"]
+    assert deps["qwen_lora_ja-sft"] == ["qwen_lora_ja-export-cpt"]
+
+
+def test_sweep_makes_one_chain_per_variant(tmp_path):
+    tasks, _ = render_case("local_hf_sweep", tmp_path)
+    deps = {t.name: t.depends_on for t in tasks}
+    assert deps["smoke-rank8-cpt"] == ["smoke-data"] and deps["smoke-rank16-cpt"] == ["smoke-data"]
+    assert deps["smoke-rank8-sft"] == ["smoke-rank8-cpt"]
+    assert {t.spec.group_name for t in tasks} == {"smoke"}  # one W&B group for the comparison
+    assert {t.spec.lora.rank for t in tasks if t.stage == "cpt"} == {8, 16}
+
+
+def test_profile_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partition: gpu\n")
+    with pytest.raises(ProfileError, match="required field 'account' is missing"):
+        load_profile(str(bad))
+    bad.write_text("account: a\npartition: gpu\nenv:\n  WANDB_API_KEY: abc\n")
+    with pytest.raises(ProfileError, match="looks like a secret"):
+        load_profile(str(bad))
+    bad.write_text("account: a\npartition: gpu\ngpu_per_node: 8\n")
+    with pytest.raises(ProfileError, match="unknown field 'gpu_per_node'"):
+        load_profile(str(bad))
