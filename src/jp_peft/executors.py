@@ -108,8 +108,10 @@ def secret_setup_lines(profile: SlurmProfile) -> list[str]:
     """
     if not profile.wandb_key_file:
         return []
-    key_file = shlex.quote(profile.wandb_key_file)
-    return [f'if [ -r {key_file} ]; then export WANDB_API_KEY="$(cat {key_file})"; fi']
+    path = profile.wandb_key_file
+    # "~/x" must expand in the job, on the compute node: written as "$HOME/x" inside double quotes.
+    path = '"$HOME"/' + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+    return [f'if [ -r {path} ]; then export WANDB_API_KEY="$(cat {path})"; fi']
 
 
 def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: int | None = None,
@@ -152,6 +154,7 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
         env_vars=env_vars,
         tunnel=tunnel,
         packager=run.Packager(),
+        job_name_prefix="jp-peft.",
     )
     if torchrun:
         executor.launcher = "torchrun"

@@ -1,0 +1,119 @@
+"""The experiment on a real single-node Slurm cluster (slurm/local/): submission with afterok
+dependencies, a failing stage that stops its dependents, and a requeue that resumes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jp_peft.slurm_jobs import job_info, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slurm
+EXPERIMENT = [sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "slurm", "--slurm-profile", "local"]
+SHORT = ["cpt.train.max_steps=8", "cpt.train.val_check_interval=4", "cpt.train.limit_val_batches=2",
+         "sft.train.max_steps=6", "sft.train.val_check_interval=3", "sft.train.limit_val_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    for script in ("install.sh", "start.sh"):
+        proc = subprocess.run(["bash", str(REPO / "slurm/local" / script)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            if os.geteuid() != 0:
+                pytest.skip(f"the local Slurm cluster needs root to install/start: {proc.stderr.strip()}")
+            raise AssertionError(f"slurm/local/{script} failed: {proc.stdout}{proc.stderr}")
+    return True
+
+
+def submitted_jobs(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s+(\S+): slurm job (\d+), log", stdout, flags=re.M))
+
+
+@pytest.fixture(scope="module")
+def slurm_smoke(cluster, tmp_path_factory, tiny_base):
+    out = tmp_path_factory.mktemp("slurm_runs")
+    proc = subprocess.run([*EXPERIMENT, "--smoke", "--wait", "--output-dir", str(out), *SHORT], capture_output=True,
+                          text=True, timeout=1200, cwd=REPO)
+    return out, proc
+
+
+def test_stages_complete_in_dependency_order(slurm_smoke):
+    out, proc = slurm_smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = submitted_jobs(proc.stdout)
+    order = ["smoke-import", "smoke-data", "smoke-cpt", "smoke-export-cpt", "smoke-sft", "smoke-export-sft", "smoke-eval"]
+    assert list(jobs) == order
+    infos = [job_info(jobs[name]) for name in order]
+    assert [i["JobState"] for i in infos] == ["COMPLETED"] * len(order)
+    for before, after in zip(infos, infos[1:]):
+        assert after["StartTime"] >= before["EndTime"]  # afterok: never before the dependency ended
+        assert f"afterok:{before['JobId']}" in after.get("Dependency", "") or after.get("Dependency") == "(null)"
+    for stage in ("cpt", "sft"):
+        d = out / "smoke" / stage
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["steps"] == (8 if stage == "cpt" else 6)
+        assert (d / "hf_adapter" / "adapter_model.safetensors").exists() and (d / "hf_merged" / "config.json").exists()
+        assert json.loads((d / "export_check.json").read_text())["ok"]
+    assert "JA before" in proc.stdout
+
+
+def test_failing_stage_leaves_dependents_unrun_and_points_to_its_log(cluster, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for prefix in ("ja", "ja_val", "en_val"):  # present, so the launcher accepts them; corrupt, so cpt fails
+        (data / f"{prefix}_text_document.bin").write_bytes(b"\x00" * 16)
+        (data / f"{prefix}_text_document.idx").write_bytes(b"not an index")
+    (data / "sft").mkdir()
+    (data / "sft" / "training.jsonl").write_text("")
+    overrides = [f"cpt.data.blend=[{{name: ja, weight: 1.0, prefix: {data}/ja_text_document}}]",
+                 f"data.val_ja={data}/ja_val_text_document", f"data.val_en={data}/en_val_text_document",
+                 f"sft.data.sft_train={data}/sft/training.jsonl", "wandb.enabled=false"]
+    proc = subprocess.run([*EXPERIMENT, "--smoke", "--wait", "--stages", "import,cpt,sft", "--name", "broken",
+                           "--output-dir", str(tmp_path / "runs"), *overrides], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 1
+    jobs = submitted_jobs(proc.stdout)
+    assert job_info(jobs["broken-import"])["JobState"] == "COMPLETED"
+    assert job_info(jobs["broken-cpt"])["JobState"] == "FAILED"
+    sft = job_info(jobs["broken-sft"])
+    assert sft["JobState"] == "CANCELLED" or sft["Reason"] == "DependencyNeverSatisfied"
+    assert sft.get("StartTime") in (None, "Unknown", "None") or sft["JobState"] != "COMPLETED"
+    log = re.search(r"FAILED: broken-cpt: FAILED \(\S+\); log: (\S+)", proc.stderr)
+    assert log, proc.stderr
+    log_path = Path(log.group(1).replace("%j", jobs["broken-cpt"]))
+    text = log_path.read_text() + "".join(p.read_text() for p in log_path.parent.glob("log-*.out"))
+    assert "ja_text_document" in text and "Error" in text  # the cause is in the job's own log
+
+
+def test_requeued_job_resumes_from_its_checkpoint(slurm_smoke):
+    out, proc = slurm_smoke
+    assert proc.returncode == 0
+    steps = 40
+    submit = subprocess.run([*EXPERIMENT, "--smoke", "--stages", "cpt", "--name", "requeue", "--output-dir", str(out),
+                             "group=smoke", f"cpt.train.max_steps={steps}", "cpt.train.ckpt_every_n_steps=5",
+                             "cpt.train.val_check_interval=20", "cpt.train.limit_val_batches=2", "lora.dropout=0.0",
+                             "wandb.enabled=false"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+    job = submitted_jobs(submit.stdout)["requeue-cpt"]
+    ckpt = out / "requeue" / "cpt" / "checkpoints" / "step=000010.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert ckpt.exists(), job_info(job)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # a requeued job waits before it is eligible again; let it start now
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
+    states = wait_for({"requeue-cpt": job}, timeout_s=600, poll_s=2, log=lambda *_: None)
+    info = job_info(job)
+    assert states["requeue-cpt"][0] == "COMPLETED" and int(info["Restarts"]) == 1
+    metrics = json.loads((out / "requeue" / "cpt" / "metrics.json").read_text())
+    assert metrics["steps"] == steps and metrics["resumed_from"]
+    logged = [json.loads(x)["trainer/global_step"] for x in open(out / "requeue" / "cpt" / "train_log.jsonl")]
+    assert logged == list(range(1, steps + 1))  # nothing repeated, nothing skipped
