@@ -11,10 +11,11 @@ import pytest
 from jp_peft.data.normalize import normalize_text
 from jp_peft.data.prepare import PrepareConfig, StrictModeError, prepare
 
-DOC_A = "東京都は二日、新しい図書館の開館日を発表した。蔵書は約三十万冊で、平日は夜九時まで利用できる。"
+DOC_A = ("東京都は二日、新しい図書館の開館日を発表した。蔵書は約三十万冊で、平日は夜九時まで利用できる。"
+         "館内には子ども向けの読書室やカフェも設けられ、週末には作家を招いた講演会も開かれる予定だという。")
 DOC_B = "ｐｉｐ　ｉｎｓｔａｌｌ　でパッケージを入れたあと、仮想環境を有効にしてから実行してください。"
 DOC_C = "春の京都は観光客でにぎわう。哲学の道の桜は今年も見事で、川沿いの小道をゆっくり歩く人が多かった。"
-NEAR_A = DOC_A.replace("夜九時", "夜八時")
+NEAR_A = DOC_A.replace("夜九時", "夜八時")  # one character: estimated Jaccard ~0.9
 
 
 def write_malformed(path):

@@ -11,7 +11,6 @@ import hashlib
 
 import numpy as np
 
-_PRIME = np.uint64(4294967291)  # largest prime below 2**32: signatures fit in uint32
 SHINGLE = 5
 
 
@@ -41,19 +40,22 @@ def shingle_hashes(text: str) -> np.ndarray:
 
 
 class MinHasher:
+    """MinHash with multiply-shift hashing: h_i(x) = (a_i * x + b_i mod 2**64) >> 32 for 64-bit
+    random odd a_i (Dietzfelbinger's scheme; no modulo, so it vectorises to two ufuncs)."""
+
     def __init__(self, num_perm: int = 128, seed: int = 1):
         rng = np.random.RandomState(seed)
-        # a < 2**31 and x < 2**32 keep a*x + b below 2**64: exact in uint64.
-        self.a = rng.randint(1, 2**31 - 1, size=(num_perm, 1), dtype=np.int64).astype(np.uint64)
-        self.b = rng.randint(0, 2**31 - 1, size=(num_perm, 1), dtype=np.int64).astype(np.uint64)
+        self.a = (rng.randint(0, 2**62, size=(num_perm, 1), dtype=np.int64).astype(np.uint64) << np.uint64(1)) | np.uint64(1)
+        self.b = rng.randint(0, 2**62, size=(num_perm, 1), dtype=np.int64).astype(np.uint64)
         self.num_perm = num_perm
 
     def signature(self, text: str) -> np.ndarray:
         x = shingle_hashes(text)
         sig = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
-        for start in range(0, len(x), 4096):  # bound memory on long documents
-            chunk = x[start:start + 4096][None, :]
-            sig = np.minimum(sig, ((self.a * chunk + self.b) % _PRIME).min(axis=1))
+        with np.errstate(over="ignore"):
+            for start in range(0, len(x), 4096):  # bound memory on long documents
+                chunk = x[start:start + 4096][None, :]
+                sig = np.minimum(sig, ((self.a * chunk + self.b) >> np.uint64(32)).min(axis=1))
         return sig.astype(np.uint32)
 
 
