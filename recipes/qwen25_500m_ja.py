@@ -50,8 +50,9 @@ def _finetune(exp: ExperimentSpec, stage: str, restore_from: str) -> run.Partial
     recipe.peft = megatron.peft_config(exp.lora)
     # Trainer, parallelism, optimiser
     megatron.apply_training(recipe, exp, exp.stage(stage))
-    # Logging and checkpoints: W&B + TensorBoard, ModelCheckpoint every N steps
+    # Logging and checkpoints: W&B + TensorBoard, ModelCheckpoint every N steps, throughput and MFU
     recipe.log = megatron.logger(exp, stage)
+    recipe.trainer.callbacks = [*(recipe.trainer.callbacks or []), megatron.step_metrics(exp, stage)]
     # Resume: a requeued job continues from its own last checkpoint
     recipe.resume = megatron.resume(restore_from)
     return recipe

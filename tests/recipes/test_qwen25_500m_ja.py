@@ -75,6 +75,9 @@ def test_cpt_recipe_values():
     assert "cpt" in wandb.tags and wandb.config["spec"]["lora"]["rank"] == 32
     assert cpt.log.tensorboard is not None
     assert cpt.log.ckpt.every_n_train_steps == 100
+    callbacks = {c.__fn_or_cls__.__name__: c for c in cpt.trainer.callbacks}
+    assert callbacks["MegatronStepMetrics"].tokens_per_step == 16 * 2048
+    assert callbacks["MegatronStepMetrics"].flops_per_token == 2_609_905_664  # hand-checked in test_flops_and_compare
     # Resume: continue a requeued job, else start from the imported base
     assert cpt.resume.resume_if_exists and cpt.resume.resume_ignore_no_checkpoint
     assert cpt.resume.restore_config.path.endswith("models/Qwen/Qwen2.5-0.5B")

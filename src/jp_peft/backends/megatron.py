@@ -82,6 +82,17 @@ def precision_plugin(precision: str) -> run.Config:
     return run.Config(MegatronMixedPrecision, precision="32")
 
 
+def step_metrics(spec: ExperimentSpec, stage: str) -> run.Config:
+    """jp-peft's throughput/MFU callback, with Qwen2.5-0.5B's FLOPs per token (callbacks/flops.py)."""
+    from jp_peft.callbacks.flops import QWEN25_05B, lora_flops_per_token
+    from jp_peft.callbacks.step_metrics import MegatronStepMetrics
+
+    data, train = spec.stage(stage).data, spec.stage(stage).train
+    flops = lora_flops_per_token(QWEN25_05B, data.seq_length, spec.lora.rank, spec.lora.target_modules)
+    return run.Config(MegatronStepMetrics, tokens_per_step=train.global_batch_size * data.seq_length,
+                      flops_per_token=flops)
+
+
 def cpt_data(spec: ExperimentSpec) -> run.Config:
     """Megatron's PreTrainingDataModule over the weighted blend; validation on held-out Japanese."""
     from nemo.collections import llm

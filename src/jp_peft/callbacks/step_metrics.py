@@ -92,3 +92,30 @@ class StepMetrics(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "trainer/global_step"}, step=trainer.global_step)
         self._reset()
+
+
+class MegatronStepMetrics(pl.Callback):
+    """The same per-step throughput metrics on NeMo's Megatron strategy, where one Lightning batch
+    is one global batch: tokens/step = global batch x seq length (packed), against trainer/global_step."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops()
+        self.started = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.started is None:
+            return
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        tflops = self.flops_per_token * self.tokens_per_step / seconds / 1e12
+        row = {"perf/step_time_s": seconds, "perf/tokens_per_s": self.tokens_per_step / seconds,
+               "perf/consumed_tokens": trainer.global_step * self.tokens_per_step,
+               "perf/peak_memory_mb": peak_memory_mb(), "perf/tflops_per_s": tflops}
+        if self.peak:
+            row["perf/mfu"] = tflops / self.peak
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=trainer.global_step)
