@@ -56,3 +56,13 @@ def test_data_prepare_rejects_bad_arguments_without_traceback(tmp_path):
                       "--tokenizer", "x", "--output-prefix", str(tmp_path / "o")])
     assert proc.returncode == 2 and "--input" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dryrun_prints_every_task_of_a_sweep_and_runs_nothing(tmp_path):
+    proc, _ = _timed([sys.executable, "experiments/qwen_lora_ja.py", "--smoke", "--dryrun", "--output-dir",
+                      str(tmp_path), "--stages", "data,cpt,sft", "--sweep", "lora.rank=8,16"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for task in ("smoke-data", "smoke-rank8-cpt", "smoke-rank8-sft", "smoke-rank16-cpt", "smoke-rank16-sft"):
+        assert task in proc.stdout
+    assert "smoke-rank16-sft after smoke-rank16-cpt" in proc.stdout
+    assert not list(tmp_path.glob("*/rank*/metrics.json")) and not (tmp_path / "smoke-rank8" / "cpt").exists()

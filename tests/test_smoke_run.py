@@ -50,7 +50,10 @@ def test_every_stage_writes_its_artifacts(smoke_run):
 def test_cpt_lowers_japanese_perplexity(smoke_run):
     metrics = json.loads((smoke_run[0] / "cpt" / "metrics.json").read_text())
     assert metrics["val_ppl_ja"] < metrics["base_val_ppl_ja"]
-    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    # single steps are noisy (each sees different blocks); the mean of the first and last quarters is not
+    losses = [json.loads(x)["train/loss"] for x in open(smoke_run[0] / "cpt" / "train_log.jsonl")]
+    quarter = len(losses) // 4
+    assert sum(losses[-quarter:]) / quarter < sum(losses[:quarter]) / quarter
 
 
 def test_sft_starts_from_the_cpt_result(smoke_run):
