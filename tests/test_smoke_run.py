@@ -134,3 +134,17 @@ def test_killed_run_resumes_without_repeating_or_skipping_steps(smoke_run, tmp_p
     assert sorted(got) == list(range(1, 17))
     for step in range(1, 17):  # same samples in the same order: the same loss at every step
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), step
+
+
+def test_megatron_side_validation_loss_matches_the_hf_backend(smoke_run):
+    """The evaluation the Megatron export stage uses gives the hf backend's numbers on the same blocks."""
+    from jp_peft.export.verify import validation_loss
+
+    run_dir = smoke_run[0]
+    spec = json.loads((run_dir / "spec.json").read_text())
+    metrics = json.loads((run_dir / "cpt" / "metrics.json").read_text())
+    blocks = spec["cpt"]["train"]["limit_val_batches"] * spec["cpt"]["train"]["micro_batch_size"]
+    base = validation_loss(metrics["base_model"], spec["cpt"]["data"]["val_ja"], spec["cpt"]["data"]["seq_length"], blocks)
+    after = validation_loss(metrics["hf_merged"], spec["cpt"]["data"]["val_ja"], spec["cpt"]["data"]["seq_length"], blocks)
+    assert base == pytest.approx(metrics["base_val_loss_ja"], abs=1e-4)
+    assert after == pytest.approx(metrics["val_loss_ja"], abs=1e-4)

@@ -17,8 +17,9 @@ from jp_peft.experiment import PlannedTask, add_tasks, new_experiment, plan
 STAGE_OUTPUT = {
     "import": lambda t: t.spec.group_dir / "import" / "base.json",
     "data": lambda t: t.spec.group_dir / "data" / "prepared.json",
-    "cpt": lambda t: t.spec.run_dir / "cpt" / "metrics.json",
-    "sft": lambda t: t.spec.run_dir / "sft" / "metrics.json",
+    # hf: the stage writes metrics.json; Megatron: NeMo writes checkpoints (metrics.json comes with the export)
+    "cpt": lambda t: t.spec.run_dir / "cpt" / ("metrics.json" if t.spec.backend == "hf" else "checkpoints"),
+    "sft": lambda t: t.spec.run_dir / "sft" / ("metrics.json" if t.spec.backend == "hf" else "checkpoints"),
     "export": lambda t: t.spec.run_dir / t.target / "export_check.json",
     "eval": lambda t: t.spec.run_dir / "summary.json",
 }

@@ -64,5 +64,28 @@ def export_stage(spec: dict, stage: str) -> dict:
     archive = write_nemo_archive(merged, stage_dir / "model.nemo")
     result = {"checkpoint": str(ckpt), "hf_adapter": str(stage_dir / "hf_adapter"),
               "hf_merged": str(stage_dir / "hf_merged"), "nemo": archive, "untied_embeddings": untied}
+    _write_json(stage_dir / "metrics.json", stage_metrics(exp, stage, stage_dir, ckpt))
     _write_json(stage_dir / "export_check.json", result | {"ok": True})
     return result
+
+
+def stage_metrics(exp, stage: str, stage_dir: Path, ckpt: Path) -> dict:
+    """metrics.json of a Megatron stage: JA/EN validation perplexity of the stage's starting model
+    and of the exported merged model, measured the same way as on the hf backend."""
+    import math
+    import re
+
+    from jp_peft.export.verify import validation_loss
+
+    data = exp.stage(stage).data
+    base = str(exp.run_dir / "cpt" / "hf_merged") if stage == "sft" and "cpt" in exp.stages else exp.model.name
+    merged = str(stage_dir / "hf_merged")
+    metrics = {"stage": stage, "backend": "megatron", "base_model": base, "checkpoint": str(ckpt),
+               "hf_adapter": str(stage_dir / "hf_adapter"), "hf_merged": merged}
+    step = re.search(r"step=(\d+)", ckpt.name)
+    metrics["steps"] = int(step.group(1)) + 1 if step else None
+    for lang in ("ja", "en"):
+        for key, model in (("base_val", base), ("val", merged)):
+            loss = validation_loss(model, getattr(data, f"val_{lang}"), data.seq_length)
+            metrics[f"{key}_loss_{lang}"], metrics[f"{key}_ppl_{lang}"] = loss, math.exp(loss)
+    return metrics

@@ -33,3 +33,22 @@ def compare_adapter_and_merged(adapter_dir: Path, merged_dir: Path, val_prefix: 
     return {"max_abs_diff": diff, "argmax_agreement": agree, "atol": LOGITS_ATOL, "ok": diff <= LOGITS_ATOL,
             "prompts": int(ids.shape[0]), "tokens_per_prompt": int(ids.shape[1]),
             "base": config["base_model_name_or_path"]}
+
+
+@torch.no_grad()
+def validation_loss(model_dir: str, val_prefix: str, seq_length: int, max_blocks: int = 64) -> float:
+    """Token-mean cross-entropy of a Hugging Face model on held-out indexed-dataset blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from jp_peft.backends.hf_data import EvalBlocks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()
+    blocks = EvalBlocks(val_prefix, seq_length, max_blocks)
+    total, count = 0.0, 0
+    for i in range(len(blocks)):
+        item = blocks[i]
+        logits = model(input_ids=item["input_ids"][None].to(device)).logits[0]
+        total += float(torch.nn.functional.cross_entropy(logits, item["labels"].to(device), reduction="sum"))
+        count += item["labels"].numel()
+    return total / count
