@@ -50,10 +50,14 @@ def test_every_stage_writes_its_artifacts(smoke_run):
 def test_cpt_lowers_japanese_perplexity(smoke_run):
     metrics = json.loads((smoke_run[0] / "cpt" / "metrics.json").read_text())
     assert metrics["val_ppl_ja"] < metrics["base_val_ppl_ja"]
-    # single steps are noisy (each sees different blocks); the mean of the first and last quarters is not
-    losses = [json.loads(x)["train/loss"] for x in open(smoke_run[0] / "cpt" / "train_log.jsonl")]
-    quarter = len(losses) // 4
-    assert sum(losses[-quarter:]) / quarter < sum(losses[:quarter]) / quarter
+    # Per-step train losses are too noisy at 16 steps (each step sees other blocks), so the training
+    # loss is compared on fixed blocks of the Japanese training data: base vs. the CPT result.
+    from jp_peft.export.verify import validation_loss
+
+    spec = json.loads((smoke_run[0] / "spec.json").read_text())
+    ja_train = spec["cpt"]["data"]["blend"][0]["prefix"]
+    seq = spec["cpt"]["data"]["seq_length"]
+    assert validation_loss(metrics["hf_merged"], ja_train, seq, 16) < validation_loss(metrics["base_model"], ja_train, seq, 16)
 
 
 def test_sft_starts_from_the_cpt_result(smoke_run):
