@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,12 @@ def local_executor(devices: int = 1, torchrun: bool = False, env: dict[str, str]
     import nemo_run as run
 
     launcher = "torchrun" if torchrun else None
-    return run.LocalExecutor(ntasks_per_node=devices, launcher=launcher, env_vars={**BASE_ENV, **(env or {})})
+    # NeMo-Run starts local tasks as a bare `python -m ...` (or `torchrun`), resolved on PATH.
+    # Put this interpreter's bin/ first so a task runs in the same venv as the launcher even
+    # when the venv is not activated (CI calls .venv/bin/python directly); torchx prepends it.
+    interpreter_bin = {"PATH": os.path.dirname(sys.executable)}
+    return run.LocalExecutor(ntasks_per_node=devices, launcher=launcher,
+                             env_vars={**BASE_ENV, **interpreter_bin, **(env or {})})
 
 
 @dataclass(frozen=True)
