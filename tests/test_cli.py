@@ -44,6 +44,7 @@ def test_megatron_backend_without_cuda_exits_2_with_what_to_do():
     (["--smoke", "cpt.train.global_batch_size=10"], "cpt.train.global_batch_size: 10 is not divisible"),
     (["--smoke", "cpt.train.max_step=3"], "did you mean 'max_steps'"),
     (["--smoke", "--stages", "cpt", "--output-dir", "/nonexistent-jp-peft"], "cpt.data.blend[ja]: not prepared yet"),
+    (["--dryrun", "lora.target_modules=[q_proj,v_proj]"], "lora.target_modules: ['q_proj', 'v_proj'] splits"),
 ])
 def test_invalid_specs_fail_before_launch_naming_the_field(args, message):
     proc, _ = _timed([sys.executable, "experiments/qwen_lora_ja.py", *args])

@@ -13,9 +13,7 @@ pytestmark = pytest.mark.unit
     (("q_proj", "k_proj", "v_proj"), "LoRA", ("linear_qkv",)),
     (("o_proj", "down_proj"), "LoRA", ("linear_proj", "linear_fc2")),
     (("gate_proj", "up_proj"), "LoRA", ("linear_fc1",)),
-    (("q_proj", "v_proj"), "CanonicalLoRA", ("linear_q", "linear_v")),
-    (("q_proj", "k_proj", "v_proj", "up_proj"), "CanonicalLoRA", ("linear_q", "linear_k", "linear_v", "linear_fc1_up")),
-    (("gate_proj",), "CanonicalLoRA", ("linear_fc1_gate",)),
+    (("q_proj", "k_proj", "v_proj", "o_proj"), "LoRA", ("linear_qkv", "linear_proj")),
 ])
 def test_translation_picks_the_exact_nemo_adapter(hf, cls, nemo):
     targets = to_nemo_targets(hf)
@@ -24,15 +22,19 @@ def test_translation_picks_the_exact_nemo_adapter(hf, cls, nemo):
 
 
 def test_rank_alpha_dropout_carry_over():
-    cls, kwargs = nemo_peft_kwargs(LoraSpec(rank=8, alpha=32, dropout=0.05, target_modules=("q_proj", "v_proj")))
-    assert cls == "CanonicalLoRA"
-    assert kwargs == {"target_modules": ["linear_q", "linear_v"], "dim": 8, "alpha": 32, "dropout": 0.05,
+    cls, kwargs = nemo_peft_kwargs(LoraSpec(rank=8, alpha=32, dropout=0.05,
+                                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert cls == "LoRA"
+    assert kwargs == {"target_modules": ["linear_qkv", "linear_proj"], "dim": 8, "alpha": 32, "dropout": 0.05,
                       "dropout_position": "pre"}
 
 
 @pytest.mark.parametrize("bad, match", [
     (("q_proj", "qkv_proj"), "not Qwen2 projections"),
     ((), "empty"),
+    (("q_proj", "v_proj"), r"splits the fused group q_proj/k_proj/v_proj \(has q_proj, v_proj\)"),
+    (("q_proj", "k_proj", "v_proj", "up_proj"), r"gate_proj/up_proj \(has up_proj\)"),
+    (("gate_proj",), "CanonicalLoRA crashes on a partial group"),
 ])
 def test_inexpressible_targets_are_errors(bad, match):
     with pytest.raises(LoraMappingError, match=match):
@@ -44,3 +46,9 @@ def test_no_exact_hf_equivalent_is_an_error():
         to_hf_targets("LoRA", ["linear_fc1_up"])
     with pytest.raises(LoraMappingError, match="linear_qkv"):
         to_hf_targets("CanonicalLoRA", ["linear_qkv"])
+
+
+def test_canonical_names_round_trip_for_exporters():
+    # Whole-group CanonicalLoRA checkpoints (trained elsewhere) still export.
+    names = ("linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1_up", "linear_fc1_gate", "linear_fc2")
+    assert to_hf_targets("CanonicalLoRA", names) == HF_LORA_TARGETS

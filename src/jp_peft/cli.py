@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapter = export.add_parser("adapter", help="NeMo Qwen2 LoRA checkpoint -> Hugging Face PEFT adapter")
     adapter.add_argument("--checkpoint", required=True)
     adapter.add_argument("--output", required=True)
+    adapter.add_argument("--base-model", help="base_model_name_or_path written to adapter_config.json (hub id or "
+                         "local HF directory; default: guessed by NeMo from the checkpoint's import path)")
     nemo = export.add_parser("nemo", help="NeMo 2 checkpoint directory -> single-file .nemo archive (verified)")
     nemo.add_argument("--checkpoint", required=True)
     nemo.add_argument("--output", required=True)

@@ -123,6 +123,10 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
         else:
             spec = base
         spec.check_data_files()
+        if spec.backend == "megatron":  # refuse LoRA targets NeMo cannot train before anything is queued
+            from jp_peft.lora_mapping import to_nemo_targets
+
+            to_nemo_targets(spec.lora.target_modules)
         deps = list(previous_shared)
         for stage in TRAINED_STAGES:
             if stage in spec.stages:

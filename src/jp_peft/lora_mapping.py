@@ -3,8 +3,13 @@
 Megatron fuses q/k/v into `linear_qkv` and gate/up into `linear_fc1`. NeMo's fused `LoRA`
 puts one adapter on each fused layer (A shared by the fused projections), so it can express a
 target set only if it takes whole fused groups: all of q/k/v or none, both gate/up or none.
-Any other set goes to `CanonicalLoRA`, which has one adapter per projection. Anything neither
-can express exactly is an error, never an approximation.
+
+A set that splits a group (PEFT's classic `[q_proj, v_proj]`) would need `CanonicalLoRA`, but
+NeMo 2.7.3's `LoRALinearSplitQKV`/`LoRALinearSplitFC1UpGate` call every adapter of the group in
+forward and leave the untargeted ones `None`, so training crashes on the first step
+('NoneType' object is not callable; tests/export pins this). Such sets are refused here, before
+a GPU job is queued, rather than approximated. The hf backend trains them as asked; the
+exporters still read `CanonicalLoRA` checkpoints of whole groups made elsewhere.
 """
 
 from __future__ import annotations
@@ -44,8 +49,12 @@ def to_nemo_targets(hf_targets) -> NemoLoraTargets:
         names = {fused for fused, group in FUSED_GROUPS.items() if targets.issuperset(group)}
         names |= {SINGLE[t] for t in targets if t in SINGLE}
         return NemoLoraTargets("LoRA", tuple(n for n in FUSED_ORDER if n in names))
-    names = {CANONICAL[t] for t in targets}
-    return NemoLoraTargets("CanonicalLoRA", tuple(n for n in CANONICAL_ORDER if n in names))
+    split = [f"{'/'.join(group)} (has {', '.join(t for t in group if t in targets)})"
+             for group in FUSED_GROUPS.values() if not (targets.isdisjoint(group) or targets.issuperset(group))]
+    raise LoraMappingError(
+        f"lora.target_modules: {sorted(targets)} splits the fused group {' and '.join(split)}. "
+        "NeMo 2.7.3 runs LoRA on whole groups only (CanonicalLoRA crashes on a partial group); "
+        "target all of a group or none of it, e.g. [q_proj, k_proj, v_proj, o_proj], or use --backend hf")
 
 
 def to_hf_targets(peft_class: str, nemo_targets) -> tuple[str, ...]:

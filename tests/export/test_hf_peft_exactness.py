@@ -421,6 +421,24 @@ def test_reference_matches_nemo_adapter_modules(megatron_cpu, monkeypatch, peft_
                                        msg=lambda m: f"layer {layer} {proj}: {m}")
 
 
+def test_nemo_canonical_lora_cannot_run_a_partial_group(megatron_cpu, monkeypatch):
+    """Why lora_mapping refuses e.g. [q_proj, v_proj] for the megatron backend: NeMo 2.7.3's split
+    QKV wrapper calls adapter_k even when it was not targeted. If this starts passing forward,
+    NeMo fixed it and the mapping may allow CanonicalLoRA partial groups again."""
+    from nemo.collections.llm import peft as nemo_peft
+
+    from jp_peft.lora_mapping import LoraMappingError, to_nemo_targets
+
+    peft = nemo_peft.CanonicalLoRA(target_modules=["linear_q", "linear_v"], dim=2, alpha=4)
+    wrapper, config = nemo_lora_model(peft, monkeypatch, heads=4, groups=2, seed=1)
+    qkv = wrapper.module.decoder.layers[0].self_attention.linear_qkv
+    assert qkv.adapter.adapter_k is None and qkv.adapter.adapter_q is not None
+    with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+        qkv(torch.zeros(3, 1, config.hidden_size))
+    with pytest.raises(LoraMappingError, match="splits the fused group"):
+        to_nemo_targets(("q_proj", "v_proj"))
+
+
 @pytest.mark.parametrize("peft_class", ["LoRA", "CanonicalLoRA"])
 def test_export_ckpt_through_the_registered_connector(megatron_cpu, monkeypatch, tmp_path, tiny_qwen2, peft_class):
     """llm.export_ckpt(target="hf-peft") on a Qwen2 PEFT checkpoint, with NeMo's checkpoint loading
@@ -452,6 +470,11 @@ def test_export_ckpt_through_the_registered_connector(megatron_cpu, monkeypatch,
     assert loaded == [str(ckpt)] and out == tmp_path / "hf_adapter"
     config_json = json.loads((out / "adapter_config.json").read_text())
     assert config_json["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B"  # NeMo's guess from adapter metadata
+    # What export_stage passes: the configured base (export_ckpt forwards keyword arguments to apply()).
+    local = llm.export_ckpt(path=ckpt, target="hf-peft", output_path=tmp_path / "hf_adapter_local",
+                            load_connector=lambda path, target: Qwen2Model.exporter(target, path),
+                            base_model_name_or_path=str(tiny_qwen2))
+    assert json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_qwen2)
     expected = {i: megatron_slices(nemo_module_deltas(wrapper.module, i), heads=heads, groups=groups,
                                    head_dim=config.kv_channels) for i in range(config.num_layers)}
     check_peft_matches(tiny_qwen2, out, expected)

@@ -97,11 +97,11 @@ def test_overrides_and_parallel_layout_reach_the_recipe(tmp_path):
     from jp_peft.experiment import resolve_spec
     from jp_peft.spec import load_preset
 
-    spec = resolve_spec(load_preset(recipe.PRESET), ["lora.target_modules=[q_proj,v_proj]", "lora.rank=8",
+    spec = resolve_spec(load_preset(recipe.PRESET), ["lora.target_modules=[q_proj,k_proj,v_proj]", "lora.rank=8",
                                                      "cluster.num_nodes=2", "cluster.gpus_per_node=8",
                                                      "cluster.tensor_parallel=2", "train.global_batch_size=64"])
     cpt = recipe.cpt_lora(spec=spec.to_dict())
-    assert cpt.peft.__fn_or_cls__ is llm.peft.CanonicalLoRA and cpt.peft.target_modules == ["linear_q", "linear_v"]
+    assert cpt.peft.__fn_or_cls__ is llm.peft.LoRA and cpt.peft.target_modules == ["linear_qkv"]
     assert cpt.peft.dim == 8
     assert (cpt.trainer.num_nodes, cpt.trainer.devices, cpt.trainer.strategy.tensor_model_parallel_size) == (2, 8, 2)
     assert cpt.data.global_batch_size == 64

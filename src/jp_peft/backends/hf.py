@@ -6,6 +6,7 @@ same outputs as the Megatron backend: hf_adapter/, hf_merged/, metrics.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -155,7 +156,7 @@ class LoraLanguageModel(pl.LightningModule):
         self.model.eval()
         total, count = 0.0, 0
         loader = DataLoader(self.val_sets[name], batch_size=self.train_spec.micro_batch_size)
-        ctx = self.model.disable_adapter() if disable_adapter else _nullcontext()
+        ctx = self.model.disable_adapter() if disable_adapter else contextlib.nullcontext()
         with ctx:
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -193,14 +194,6 @@ class LoraLanguageModel(pl.LightningModule):
         self.base_val = extra.get("base_val", {})
         self.val_history = extra.get("val_history", [])
         self.consumed_tokens = extra.get("consumed_tokens", 0)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def build_datasets(spec: ExperimentSpec, stage: str, tokenizer, paths: dict[str, Any]):

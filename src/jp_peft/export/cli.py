@@ -23,7 +23,9 @@ def run_export_command(args) -> int:
 
     register_qwen2_hf_peft_exporter()
     try:
-        out = llm.export_ckpt(path=args.checkpoint, target="hf-peft", output_path=args.output, overwrite=True)
+        extra = {"base_model_name_or_path": args.base_model} if args.base_model else {}
+        out = llm.export_ckpt(path=args.checkpoint, target="hf-peft", output_path=args.output, overwrite=True,
+                              **extra)
     except AdapterExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

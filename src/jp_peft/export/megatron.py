@@ -56,7 +56,10 @@ def export_stage(spec: dict, stage: str) -> dict:
     stage_dir = exp.run_dir / stage
     ckpt = last_checkpoint(stage_dir)
     register_qwen2_hf_peft_exporter()
-    llm.export_ckpt(path=ckpt, target="hf-peft", output_path=stage_dir / "hf_adapter", overwrite=True)
+    # The adapter names the base the user configured (a hub id or a local HF directory), not NeMo's
+    # guess from the checkpoint's import path: export checks and users load it from there.
+    llm.export_ckpt(path=ckpt, target="hf-peft", output_path=stage_dir / "hf_adapter", overwrite=True,
+                    base_model_name_or_path=exp.model.name)
     merged = stage_dir / "nemo_merged"
     llm.peft.merge_lora(lora_checkpoint_path=str(ckpt), output_path=str(merged))
     llm.export_ckpt(path=merged, target="hf", output_path=stage_dir / "hf_merged", overwrite=True)
