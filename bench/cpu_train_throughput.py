@@ -131,6 +131,9 @@ def main(argv=None) -> int:
         "micro_batch": spec.cpt.train.micro_batch_size, "steps": args.steps, "warmup": args.warmup,
         "rounds": args.rounds, "runs": runs, "median_tokens_per_s": summary,
         "ratio_jp_peft_over_plain": summary["jp_peft_hf_backend"] / summary["plain_transformers_peft"],
+        # Each round runs both back to back: the spread of these shows how much is machine noise.
+        "ratio_jp_peft_over_plain_per_round": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in
+                                               zip(runs["jp_peft_hf_backend"], runs["plain_transformers_peft"])],
         "ratio_packed_over_padded_effective_tokens": summary["sft_packed"] / summary["sft_padded"],
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},

@@ -46,7 +46,7 @@ def import_base(spec: Optional[dict] = None) -> run.Partial:
 def _finetune(exp: ExperimentSpec, stage: str, restore_from: str) -> run.Partial:
     recipe = llm.qwen25_500m.finetune_recipe(dir=str(exp.run_dir), name=stage, num_nodes=exp.cluster.num_nodes,
                                              num_gpus_per_node=exp.cluster.gpus_per_node, peft_scheme="lora")
-    # PEFT: the spec's LoRA, fused or canonical as the target set requires
+    # PEFT: the spec's LoRA as NeMo's fused LoRA (whole q/k/v and gate/up groups; see lora_mapping)
     recipe.peft = megatron.peft_config(exp.lora)
     # Trainer, parallelism, optimiser
     megatron.apply_training(recipe, exp, exp.stage(stage))

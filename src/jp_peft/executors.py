@@ -17,7 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO_ROOT / "slurm"
 
 # Environment every stage gets; no secret is ever put here (see `secret_setup_lines`).
-BASE_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+# PYTHONWARNINGS: tasks may import torch before jp_peft (see jp_peft/__init__.py for why).
+BASE_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            "PYTHONWARNINGS": "ignore:The pynvml package is deprecated:FutureWarning"}
 # Common NCCL / torch settings for multi-node jobs (overridable in a profile's env).
 MULTINODE_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 

@@ -37,9 +37,9 @@ def nemo_blend_paths(entries: list[BlendEntry]) -> list:
 def dataset_tokens(prefix: str) -> int | None:
     if not (Path(prefix + ".idx").exists() and Path(prefix + ".bin").exists()):
         return None
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from jp_peft.data import indexed_dataset_module
 
-    return int(np.sum(IndexedDataset(prefix).sequence_lengths, dtype=np.int64))
+    return int(np.sum(indexed_dataset_module().IndexedDataset(prefix).sequence_lengths, dtype=np.int64))
 
 
 def blend_report(entries: list[BlendEntry], train_tokens: int | None) -> dict:

@@ -216,7 +216,9 @@ class _Outputs:
         self.final: dict[str, str] = {}
         self.tmp: list[str] = []
         if cfg.format == "text":
-            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+            from jp_peft.data import indexed_dataset_module
+
+            IndexedDatasetBuilder = indexed_dataset_module().IndexedDatasetBuilder
 
             self.builders = {}
             for split, stem in (("train", "_text_document"), ("validation", "_val_text_document")):
