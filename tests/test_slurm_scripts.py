@@ -115,3 +115,8 @@ def test_profile_errors_name_the_field(tmp_path):
     bad.write_text("account: a\npartition: gpu\ngpu_per_node: 8\n")
     with pytest.raises(ProfileError, match="unknown field 'gpu_per_node'"):
         load_profile(str(bad))
+    bad.write_text("account: a\npartition: gpu\nenv:\n  NCCL_IB_HCA: mlx5_0 mlx5_1\n")
+    with pytest.raises(ProfileError, match="env.NCCL_IB_HCA: 'mlx5_0 mlx5_1' is not a single shell word"):
+        load_profile(str(bad))
+    bad.write_text("account: a\npartition: gpu\nenv:\n  NCCL_IB_HCA: '\"mlx5_0 mlx5_1\"'\n  DATA: $HOME/d\n")
+    assert load_profile(str(bad)).env == {"NCCL_IB_HCA": '"mlx5_0 mlx5_1"', "DATA": "$HOME/d"}

@@ -17,9 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO_ROOT / "slurm"
 
 # Environment every stage gets; no secret is ever put here (see `secret_setup_lines`).
-# PYTHONWARNINGS: tasks may import torch before jp_peft (see jp_peft/__init__.py for why).
-BASE_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-            "PYTHONWARNINGS": "ignore:The pynvml package is deprecated:FutureWarning"}
+BASE_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 # Common NCCL / torch settings for multi-node jobs (overridable in a profile's env).
 MULTINODE_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
@@ -105,6 +103,16 @@ def load_profile(name_or_path: str) -> SlurmProfile:
             if "KEY" in env_key.upper() or "TOKEN" in env_key.upper() or "SECRET" in env_key.upper():
                 raise ProfileError(f"{path}: env.{env_key} looks like a secret; profiles must not hold secrets "
                                    "(use wandb_key_file or the submitting environment)")
+            # NeMo-Run writes `export KEY=value` unquoted into the sbatch script (so $VARS expand);
+            # a value that is not one shell word would silently export something else.
+            value = values[key][env_key]
+            try:
+                single_word = len(shlex.split(value)) == 1 and "\n" not in value
+            except ValueError:
+                single_word = False
+            if not single_word:
+                raise ProfileError(f"{path}: env.{env_key}: {value!r} is not a single shell word; sbatch scripts "
+                                   f"export it unquoted, so quote it inside the value, e.g. '\"{value}\"'")
     return SlurmProfile(path=str(path), **values)
 
 
