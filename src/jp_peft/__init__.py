@@ -6,5 +6,4 @@ __version__ = "0.1.0"
 
 # torch.cuda imports the `pynvml` shim that NeMo's dependencies install and it warns on every
 # start-up; it says nothing about jp-peft or the user's run, so keep it out of their logs.
-PYNVML_WARNING = "The pynvml package is deprecated"
-warnings.filterwarnings("ignore", message=PYNVML_WARNING, category=FutureWarning)
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)

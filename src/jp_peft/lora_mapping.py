@@ -24,7 +24,6 @@ CANONICAL = {"q_proj": "linear_q", "k_proj": "linear_k", "v_proj": "linear_v", "
              "gate_proj": "linear_fc1_gate", "up_proj": "linear_fc1_up", "down_proj": "linear_fc2"}
 # Order NeMo lists them in, so composed configs read the same as NVIDIA's defaults.
 FUSED_ORDER = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-CANONICAL_ORDER = ("linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1_up", "linear_fc1_gate", "linear_fc2")
 
 
 class LoraMappingError(ValueError):
@@ -44,17 +43,16 @@ def to_nemo_targets(hf_targets) -> NemoLoraTargets:
         raise LoraMappingError(f"lora.target_modules: {sorted(unknown)} are not Qwen2 projections {HF_LORA_TARGETS}")
     if not targets:
         raise LoraMappingError("lora.target_modules: empty")
-    fusable = all(targets.isdisjoint(group) or targets.issuperset(group) for group in FUSED_GROUPS.values())
-    if fusable:
-        names = {fused for fused, group in FUSED_GROUPS.items() if targets.issuperset(group)}
-        names |= {SINGLE[t] for t in targets if t in SINGLE}
-        return NemoLoraTargets("LoRA", tuple(n for n in FUSED_ORDER if n in names))
     split = [f"{'/'.join(group)} (has {', '.join(t for t in group if t in targets)})"
              for group in FUSED_GROUPS.values() if not (targets.isdisjoint(group) or targets.issuperset(group))]
-    raise LoraMappingError(
-        f"lora.target_modules: {sorted(targets)} splits the fused group {' and '.join(split)}. "
-        "NeMo 2.7.3 runs LoRA on whole groups only (CanonicalLoRA crashes on a partial group); "
-        "target all of a group or none of it, e.g. [q_proj, k_proj, v_proj, o_proj], or use --backend hf")
+    if split:
+        raise LoraMappingError(
+            f"lora.target_modules: {sorted(targets)} splits the fused group {' and '.join(split)}. "
+            "NeMo 2.7.3 runs LoRA on whole groups only (CanonicalLoRA crashes on a partial group); "
+            "target all of a group or none of it, e.g. [q_proj, k_proj, v_proj, o_proj], or use --backend hf")
+    names = {fused for fused, group in FUSED_GROUPS.items() if targets.issuperset(group)}
+    names |= {SINGLE[t] for t in targets if t in SINGLE}
+    return NemoLoraTargets("LoRA", tuple(n for n in FUSED_ORDER if n in names))
 
 
 def to_hf_targets(peft_class: str, nemo_targets) -> tuple[str, ...]:
