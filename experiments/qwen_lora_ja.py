@@ -2,6 +2,8 @@
 
 Local, embedded tiny model on CPU (minutes; the README's main job):
     python experiments/qwen_lora_ja.py --executor local --smoke
+The same on NeMo's real Megatron path (NeMo 2.7.3 on CPU: import, LoRA CPT/SFT, merge, exports):
+    python experiments/qwen_lora_ja.py --executor local --smoke --backend megatron
 Local GPU workstation, real Qwen2.5-0.5B on NeMo Megatron:
     python experiments/qwen_lora_ja.py --executor local cluster.gpus_per_node=8
 Slurm (profiles in slurm/*.yaml), a rank sweep, W&B online if WANDB_API_KEY is exported:
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))  # runs from a checkout even before `pip install -e .`
+sys.path[:0] = [str(REPO / "src"), str(REPO)]  # runs from a checkout even before `pip install -e .`
 
 from jp_peft.spec import SpecError, load_preset  # noqa: E402  (light: no torch, no NeMo)
 
@@ -33,9 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--executor", choices=("local", "slurm"), default="local",
                         help="where the stages run (default: local)")
     parser.add_argument("--smoke", action="store_true",
-                        help="embedded tiny Qwen2 on the hf backend: the whole pipeline on CPU in minutes")
+                        help="embedded tiny Qwen2: the whole pipeline on CPU in minutes (hf backend unless "
+                        "--backend megatron, which runs NeMo's real Megatron path on CPU)")
     parser.add_argument("--backend", choices=("megatron", "hf"),
-                        help="training engine (default: the preset's; megatron = NeMo, needs CUDA)")
+                        help="training engine (default: the preset's; megatron = NeMo, needs CUDA except with --smoke)")
     parser.add_argument("--preset", type=Path, help=f"YAML experiment preset (default: {PRESETS.relative_to(REPO)}/"
                         "qwen25_500m_ja.yaml, or smoke.yaml with --smoke)")
     parser.add_argument("--hf-model", help="a local Hugging Face directory or hub id to train with the hf backend "
@@ -81,9 +84,14 @@ def main(argv=None) -> int:
         overrides = collect_overrides(args)
         backend = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("backend=")),
                        values.get("backend", "megatron"))
-        if backend == "megatron" and args.executor == "local" and not args.dryrun and not has_cuda_device():
+        cpu_tier = args.smoke and backend == "megatron" and not has_cuda_device()
+        if cpu_tier:
+            overrides.append("cluster.accelerator=cpu")  # NeMo's Megatron path on CPU, the tiny model only
+        if backend == "megatron" and args.executor == "local" and not args.dryrun and not has_cuda_device() \
+                and not cpu_tier:
             print("error: the NeMo Megatron backend needs a CUDA GPU and none was found on this machine.\n"
                   "  try the whole pipeline on CPU:        python experiments/qwen_lora_ja.py --smoke\n"
+                  "  NeMo's Megatron path on the tiny model: python experiments/qwen_lora_ja.py --smoke --backend megatron\n"
                   "  train with Hugging Face on this box:  python experiments/qwen_lora_ja.py --backend hf "
                   "--hf-model /path/to/Qwen2.5-0.5B\n"
                   "  see what would run on a GPU:          python experiments/qwen_lora_ja.py --dryrun\n"
@@ -93,8 +101,11 @@ def main(argv=None) -> int:
         from jp_peft.launch import launch
 
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+        recipes = None
+        if backend == "megatron":  # the recipe module composes every NeMo call (imports NeMo: ~15 s)
+            from recipes import qwen25_500m_ja as recipes
         return launch(values, overrides, args.sweep, stages, executor=args.executor, profile=args.slurm_profile,
-                      dryrun=args.dryrun, wait=args.wait)
+                      dryrun=args.dryrun, wait=args.wait, recipes=recipes)
     except (SpecError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Qwen2.5-0.5B Japanese LoRA continual learning, as NeMo 2.0 recipes.
 
 Built on NVIDIA's `llm.qwen25_500m.finetune_recipe`: each factory composes it and changes only
-what the jp-peft spec (recipes/configs/qwen25_500m_ja.yaml) says differently.
+what the jp-peft spec (recipes/configs/qwen25_500m_ja.yaml) says differently. On the embedded
+tiny model (--smoke) only size fields change (the model's shape); on CPU only device fields
+(jp_peft.backends.megatron.use_cpu).
 
     from recipes import qwen25_500m_ja
     recipe = qwen25_500m_ja.cpt_lora()                      # run.Partial(llm.finetune, ...)
@@ -37,24 +39,34 @@ def model() -> run.Config[pl.LightningModule]:
 
 @run.cli.factory(target=llm.import_ckpt, name=NAME + "_import")
 def import_base(spec: Optional[dict] = None) -> run.Partial:
-    """Hub id or local HF directory -> NeMo checkpoint under NEMO_HOME; skipped when present."""
+    """Hugging Face base (hub id or local directory) -> NeMo checkpoint under NEMO_HOME."""
     exp = _spec(spec)
-    return run.Partial(megatron.import_base, model_name=exp.model.name,
-                       output_path=str(megatron.imported_base_path(exp.model.name)))
+    return run.Partial(llm.import_ckpt, model=run.Config(llm.Qwen2Model, config=megatron.model_config(exp)),
+                       source=f"hf://{megatron.hf_base_path(exp)}",
+                       output_path=str(megatron.imported_base_path(exp)), overwrite=True)
 
 
-def _finetune(exp: ExperimentSpec, stage: str, restore_from: str) -> run.Partial:
+def _finetune(exp: ExperimentSpec, stage: str) -> run.Partial:
     recipe = llm.qwen25_500m.finetune_recipe(dir=str(exp.run_dir), name=stage, num_nodes=exp.cluster.num_nodes,
                                              num_gpus_per_node=exp.cluster.gpus_per_node, peft_scheme="lora")
+    # Model: NVIDIA's Qwen2.5-0.5B config; the embedded tiny model's shape where the spec asks for it
+    recipe.model.config = megatron.model_config(exp)
     # PEFT: the spec's LoRA as NeMo's fused LoRA (whole q/k/v and gate/up groups; see lora_mapping)
     recipe.peft = megatron.peft_config(exp.lora)
     # Trainer, parallelism, optimiser
     megatron.apply_training(recipe, exp, exp.stage(stage))
-    # Logging and checkpoints: W&B + TensorBoard, ModelCheckpoint every N steps, throughput and MFU
+    # Logging and checkpoints: W&B + TensorBoard, ModelCheckpoint every N steps; throughput, MFU and
+    # Japanese/English validation losses from jp-peft's callbacks
     recipe.log = megatron.logger(exp, stage)
-    recipe.trainer.callbacks = [*(recipe.trainer.callbacks or []), megatron.step_metrics(exp, stage)]
-    # Resume: a requeued job continues from its own last checkpoint
-    recipe.resume = megatron.resume(restore_from)
+    recipe.trainer.callbacks = [*(recipe.trainer.callbacks or []), *megatron.callbacks(exp, stage)]
+    # Resume: a requeued job continues from its own last checkpoint, else from the stage's start
+    recipe.resume = megatron.resume(str(megatron.stage_start_nemo(exp, stage)))
+    return recipe
+
+
+def _devices(recipe: run.Partial, exp: ExperimentSpec, stage: str) -> run.Partial:
+    if exp.cluster.accelerator == "cpu":
+        megatron.use_cpu(recipe, exp, stage)
     return recipe
 
 
@@ -65,18 +77,17 @@ def cpt_lora(spec: Optional[dict] = None) -> run.Partial:
     llm.pretrain takes no PEFT, so LoRA CPT goes through llm.finetune with Megatron's
     PreTrainingDataModule as data."""
     exp = _spec(spec)
-    recipe = _finetune(exp, "cpt", str(megatron.imported_base_path(exp.model.name)))
+    recipe = _finetune(exp, "cpt")
     # Data: raw-text blend -> PreTrainingDataModule(paths=[w1, prefix1, w2, prefix2])
     recipe.data = megatron.cpt_data(exp)
-    return recipe
+    return _devices(recipe, exp, "cpt")
 
 
 @run.cli.factory(target=llm.finetune, name=NAME + "_sft")
 def sft_lora(spec: Optional[dict] = None) -> run.Partial:
     """LoRA instruction tuning on Japanese chat data, packed, from the merged CPT model when there is one."""
     exp = _spec(spec)
-    start = megatron.merged_cpt_path(exp) if "cpt" in exp.stages else megatron.imported_base_path(exp.model.name)
-    recipe = _finetune(exp, "sft", str(start))
-    # Data: ChatML input/output JSONL -> FineTuningDataModule with packed sequences
+    recipe = _finetune(exp, "sft")
+    # Data: ChatML input/output JSONL -> FineTuningDataModule with packed sequences (unpacked on CPU)
     recipe.data = megatron.sft_data(exp)
-    return recipe
+    return _devices(recipe, exp, "sft")

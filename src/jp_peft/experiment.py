@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jp_peft.spec import STAGES, ExperimentSpec, SpecError, apply_overrides, experiment_from_dict
-
-SHARED_STAGES = ("import", "data")
-TRAINED_STAGES = ("cpt", "sft")
+from jp_peft.spec import (SHARED_STAGES, STAGES, TRAINED_STAGES, ExperimentSpec, SpecError, apply_overrides,
+                          experiment_from_dict)
 
 
 def parse_sweep(items: list[str]) -> list[list[str]]:
@@ -142,17 +140,19 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
     return tasks
 
 
-def task_config(task: PlannedTask):
-    """The NeMo-Run callable of a task: the backend decides what runs (the only backend switch)."""
-    if task.spec.backend == "megatron":
-        from jp_peft.backends.megatron import stage_task
-
-        return stage_task(task.spec, task.stage, task.target)
+def task_config(task: PlannedTask, recipes):
+    """The NeMo-Run callable of a task: always jp_peft.stages.run_stage; on the Megatron backend the
+    stages that call NeMo (import, cpt, sft) carry the NeMo recipe that `recipes` (the recipe module,
+    e.g. recipes.qwen25_500m_ja) composes for them, nested and visible in --dryrun."""
     import nemo_run as run
 
     from jp_peft.stages import run_stage
 
-    return run.Partial(run_stage, spec=task.spec.to_dict(), stage=task.stage, target=task.target)
+    recipe = None
+    if task.spec.backend == "megatron" and task.stage in ("import", *TRAINED_STAGES):
+        factory = {"import": recipes.import_base, "cpt": recipes.cpt_lora, "sft": recipes.sft_lora}[task.stage]
+        recipe = factory(spec=task.spec.to_dict())
+    return run.Partial(run_stage, spec=task.spec.to_dict(), stage=task.stage, target=task.target, recipe=recipe)
 
 
 def new_experiment(title: str, base_dir: Path):
@@ -161,10 +161,10 @@ def new_experiment(title: str, base_dir: Path):
     return run.Experiment(title, base_dir=str(base_dir), log_level="WARN")
 
 
-def add_tasks(exp, tasks: list[PlannedTask], executor_for) -> None:
+def add_tasks(exp, tasks: list[PlannedTask], executor_for, recipes) -> None:
     """Add the tasks inside `with exp:`; `executor_for(task)` returns the executor of one task."""
     ids: dict[str, str] = {}
     for task in tasks:
         deps = [ids[name] for name in task.depends_on]
-        ids[task.name] = exp.add(task_config(task), executor=executor_for(task), name=task.name,
+        ids[task.name] = exp.add(task_config(task, recipes), executor=executor_for(task), name=task.name,
                                  dependencies=deps or None, tail_logs=False)

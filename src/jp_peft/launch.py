@@ -11,19 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from jp_peft import rundir
 from jp_peft.experiment import PlannedTask, add_tasks, new_experiment, plan
+from jp_peft.spec import TRAINED_STAGES as TRAINING
 
-# What each stage leaves behind when it finished: the launcher's proof of success.
-STAGE_OUTPUT = {
-    "import": lambda t: t.spec.group_dir / "import" / "base.json",
-    "data": lambda t: t.spec.group_dir / "data" / "prepared.json",
-    # hf: the stage writes metrics.json; Megatron: NeMo writes checkpoints (metrics.json comes with the export)
-    "cpt": lambda t: t.spec.run_dir / "cpt" / ("metrics.json" if t.spec.backend == "hf" else "checkpoints"),
-    "sft": lambda t: t.spec.run_dir / "sft" / ("metrics.json" if t.spec.backend == "hf" else "checkpoints"),
-    "export": lambda t: t.spec.run_dir / t.target / "export_check.json",
-    "eval": lambda t: t.spec.run_dir / "summary.json",
-}
-TRAINING = ("cpt", "sft")
+
+def task_record(task: PlannedTask) -> Path:
+    """What a task leaves behind when it finished: the launcher's proof of success."""
+    return rundir.stage_record(task.spec, task.stage, task.target)
 
 
 def executor_factory(kind: str, profile_name, base_dir: Path):
@@ -51,25 +46,23 @@ def executor_factory(kind: str, profile_name, base_dir: Path):
 
 
 def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None, *, executor: str,
-           profile: str, dryrun: bool, wait: bool) -> int:
+           profile: str, dryrun: bool, wait: bool, recipes) -> int:
+    """`recipes`: the recipe module that composes the NeMo calls of Megatron tasks (recipes.qwen25_500m_ja)."""
     tasks = plan(values, overrides, sweep, stages)
     first = tasks[0].spec
-    # Not ".../nemo_run": NeMo-Run rewrites every "/nemo_run" in a bare-metal sbatch script to the job dir.
-    base_dir = first.group_dir / "launches"
-    base_dir.mkdir(parents=True, exist_ok=True)
-    for spec in {t.spec.run_dir: t.spec for t in tasks}.values():  # the resolved spec, for reruns and comparison
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
-        (spec.run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")
     for task in tasks:
         after = f" after {', '.join(task.depends_on)}" if task.depends_on else ""
         print(f"  {task.name}{after}")
+    if dryrun:
+        return show_dryrun(tasks, executor, profile, recipes)
+    base_dir = rundir.launches_dir(first)
+    base_dir.mkdir(parents=True, exist_ok=True)
+    for spec in {t.spec.run_dir: t.spec for t in tasks}.values():  # the resolved spec, for reruns and comparison
+        rundir.write_json(rundir.spec_file(spec), spec.to_dict())
     exp = new_experiment(first.group_name, base_dir)
     with exp:
-        add_tasks(exp, tasks, executor_factory(executor, profile, base_dir))
-        if dryrun:
-            exp.dryrun(delete_exp_dir=True)
-            return 0
+        add_tasks(exp, tasks, executor_factory(executor, profile, base_dir), recipes)
         started = time.perf_counter()
         exp.run(sequential=False, detach=(executor == "slurm"), tail_logs=False)
     if executor == "slurm":
@@ -96,9 +89,9 @@ def follow_slurm(tasks: list[PlannedTask], exp, wait: bool, started: float) -> i
 
 
 def report(tasks: list[PlannedTask], exp, seconds: float) -> int:
-    failed = [t for t in tasks if not STAGE_OUTPUT[t.stage](t).exists()]
+    failed = [t for t in tasks if not task_record(t).exists()]
     for task in failed:
-        print(f"FAILED: {task.name}: {STAGE_OUTPUT[task.stage](task)} was not written; log: {task_log(exp, task)}",
+        print(f"FAILED: {task.name}: {task_record(task)} was not written; log: {task_log(exp, task)}",
               file=sys.stderr)
     for spec in {t.spec.run_dir: t.spec for t in tasks if t.stage == "eval"}.values():
         summary_path = spec.run_dir / "summary.json"
@@ -117,16 +110,65 @@ def task_log(exp, task: PlannedTask) -> str:
     return str(logs[0]) if logs else str(job_dir)
 
 
-def render_sbatch_scripts(tasks: list[PlannedTask], profile) -> dict[str, str]:
+def render_sbatch_scripts(tasks: list[PlannedTask], profile, recipes) -> dict[str, str]:
     """The sbatch script NeMo-Run would submit for each task (a dry run; nothing is submitted)."""
     first = tasks[0].spec
-    base_dir = first.group_dir / "launches"
+    base_dir = rundir.launches_dir(first)
     exp = new_experiment(first.group_name, base_dir)
     with exp:
-        add_tasks(exp, tasks, executor_factory("slurm", profile, base_dir))
+        add_tasks(exp, tasks, executor_factory("slurm", profile, base_dir), recipes)
         exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
         scripts = {}
         for job in exp.jobs:
             path = Path(exp._exp_dir) / f"{job.executor.job_name}_sbatch.sh"
             scripts[job.id] = path.read_text(encoding="utf-8")
     return scripts
+
+
+def show_dryrun(tasks: list[PlannedTask], executor: str, profile, recipes) -> int:
+    """Every task's composed configuration (for Megatron stages the whole NeMo recipe: llm.finetune,
+    model config, LoRA, data module, trainer, strategy, optimizer, logger, resume) and its executor.
+    Writes nothing under the run directories: a finished run stays as it is."""
+    import tempfile
+
+    from jp_peft.experiment import task_config
+
+    with tempfile.TemporaryDirectory(prefix="jp-peft-dryrun-") as scratch:
+        executor_for = executor_factory(executor, profile, Path(scratch))
+        for task in tasks:
+            print(f"\n=== {task.name} ({task.stage}{' ' + task.target if task.target else ''}) ===")
+            print(format_config(task_config(task, recipes)))
+            print(f"executor: {executor_for(task)!r}")
+    return 0
+
+
+def format_config(config) -> str:
+    """A NeMo-Run Config/Partial tree as indented text, one field per line, never wrapped."""
+    import fiddle as fdl
+
+    def render(node, indent: int) -> list[str]:
+        pad = "  " * indent
+        if isinstance(node, fdl.Buildable):
+            target = fdl.get_callable(node)
+            kind = "Partial" if isinstance(node, fdl.Partial) else "Config"
+            lines = [f"{kind}[{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}]"]
+            for name, value in fdl.ordered_arguments(node).items():
+                sub = render(value, indent + 1)
+                lines.append(f"{pad}  {name} = {sub[0]}")
+                lines += sub[1:]
+            return lines
+        if isinstance(node, (list, tuple)) and any(isinstance(v, fdl.Buildable) for v in node):
+            lines = ["["]
+            for value in node:
+                sub = render(value, indent + 1)
+                lines.append(f"{pad}  - {sub[0]}")
+                lines += sub[1:]
+            return lines + [f"{pad}]"]
+        if isinstance(node, dict) and len(repr(node)) > 100:  # the spec: one key per line
+            lines = ["{"]
+            for key, value in node.items():
+                lines.append(f"{pad}  {key!r}: {value!r}")
+            return lines + [f"{pad}}}"]
+        return [repr(node)]
+
+    return "\n".join(render(config, 0))

@@ -18,7 +18,11 @@ from typing import Any
 # the Megatron backend translates them, see jp_peft.lora_mapping).
 HF_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BACKENDS = ("megatron", "hf")
+# The stages, in the order a run goes through them (export runs after each trained stage).
 STAGES = ("import", "data", "cpt", "sft", "export", "eval")
+SHARED_STAGES = ("import", "data")  # shared by the runs of a sweep: they write under the group directory
+TRAINED_STAGES = ("cpt", "sft")
+ACCELERATORS = ("gpu", "cpu")
 PRECISIONS = ("bf16-mixed", "16-mixed", "32", "32-true", "bf16-true")
 
 
@@ -173,8 +177,11 @@ class ClusterSpec:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1
+    # "cpu" runs NeMo's Megatron path on CPU (the embedded tiny model only: the CI tier and --smoke)
+    accelerator: str = "gpu"
 
     def __post_init__(self):
+        _choice(self.accelerator, ACCELERATORS, "cluster.accelerator")
         for name in ("num_nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "context_parallel"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"cluster.{name}", f"must be a positive integer, got {value!r}")
@@ -240,6 +247,12 @@ class ExperimentSpec:
                      f"= {train.micro_batch_size} x {self.cluster.data_parallel_size}")
         if "cpt" in self.stages:
             _require(len(self.cpt.data.blend) > 0, "cpt.data.blend", "the cpt stage needs at least one dataset")
+        if self.backend == "megatron" and self.cluster.accelerator == "cpu":
+            _require(self.model.tiny, "cluster.accelerator",
+                     "the Megatron backend runs on CPU only for the embedded tiny model (--smoke); "
+                     "a real model needs a GPU, or --backend hf")
+            _require(self.cluster.world_size == 1, "cluster",
+                     "the Megatron backend on CPU runs one process (num_nodes=1, gpus_per_node=1)")
 
     @property
     def run_dir(self) -> Path:

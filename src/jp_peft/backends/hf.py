@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from jp_peft.backends.hf_data import BlendedBlocks, EvalBlocks, SFTDataset, packed_attention_mask
+from jp_peft.backends.hf_data import BlendedBlocks, SFTDataset, packed_attention_mask
+from jp_peft.data.blocks import EvalBlocks
+from jp_peft.metrics import StageMetrics
 from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
 
 
@@ -212,8 +214,8 @@ def build_datasets(spec: ExperimentSpec, stage: str, tokenizer, paths: dict[str,
 
 
 def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path, paths: dict[str, Any],
-                loggers: list, callbacks: list, flops_per_token_fn) -> dict[str, Any]:
-    """Train one LoRA stage; returns the metrics (also written to stage_dir/metrics.json)."""
+                loggers: list, callbacks: list, flops_per_token_fn):
+    """Train one LoRA stage; returns (StageMetrics, the trained PeftModel, the tokenizer)."""
     from transformers import AutoTokenizer
 
     from jp_peft.callbacks.preemption import PreemptionCheckpoint
@@ -242,7 +244,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
         module.base_val = {lang: module.evaluate(lang, disable_adapter=True) for lang in val_sets}
         (stage_dir / "train_log.jsonl").unlink(missing_ok=True)
 
-    step_metrics = StepMetrics(stage_dir / "train_log.jsonl", flops_per_token_fn(module.model, stage_spec))
+    step_metrics = StepMetrics(stage_dir / "train_log.jsonl", flops_per_token_fn(module.model, stage_spec), stage)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
                                               every_n_train_steps=train.ckpt_every_n_steps, save_top_k=-1, save_last=True)
     trainer = pl.Trainer(
@@ -261,31 +263,21 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
                            f"(preempted?); rerun to resume from {ckpt_dir / 'last.ckpt'}")
 
     final = {lang: module.evaluate(lang) for lang in val_sets}
-    log = [json.loads(line) for line in open(stage_dir / "train_log.jsonl", encoding="utf-8")]
+    log = [row for row in (json.loads(line) for line in open(stage_dir / "train_log.jsonl", encoding="utf-8"))
+           if "train/loss" in row]
     tokens = sum(r["perf/tokens_per_s"] * r["perf/step_time_s"] for r in log)
     seconds = sum(r["perf/step_time_s"] for r in log)
-    metrics = {
-        "stage": stage,
-        "backend": "hf",
-        "steps": trainer.global_step,
-        "train_loss_first": log[0]["train/loss"],
-        "train_loss_last": log[-1]["train/loss"],
-        "val_loss_ja": final["ja"], "val_ppl_ja": math.exp(final["ja"]),
-        "val_loss_en": final["en"], "val_ppl_en": math.exp(final["en"]),
-        "base_val_loss_ja": module.base_val["ja"], "base_val_ppl_ja": math.exp(module.base_val["ja"]),
-        "base_val_loss_en": module.base_val["en"], "base_val_ppl_en": math.exp(module.base_val["en"]),
-        "tokens_per_second": tokens / seconds if seconds else None,
-        "consumed_tokens": log[-1]["perf/consumed_tokens"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "wall_seconds": wall,
-        "precision": precision,
-        "resumed_from": str(resume_from) if resume_from else None,
-        "val_history": module.val_history,
-    }
+    extra = {}
     if isinstance(train_set, BlendedBlocks):
-        metrics["blend_epochs"] = dict(zip([b.name for b in stage_spec.data.blend], train_set.epochs()))
+        extra["blend_epochs"] = dict(zip([b.name for b in stage_spec.data.blend], train_set.epochs()))
+    metrics = StageMetrics(
+        stage=stage, backend="hf", steps=trainer.global_step, base_model=base_dir,
+        base_val_loss_ja=module.base_val["ja"], base_val_loss_en=module.base_val["en"],
+        val_loss_ja=final["ja"], val_loss_en=final["en"],
+        train_loss_first=log[0]["train/loss"], train_loss_last=log[-1]["train/loss"],
+        tokens_per_second=tokens / seconds if seconds else 0.0, consumed_tokens=log[-1]["perf/consumed_tokens"],
+        trainable_params=trainable, total_params=total, wall_seconds=wall, precision=precision,
+        resumed_from=str(resume_from) if resume_from else None, val_history=module.val_history, extra=extra)
     module.model.eval()
     return metrics, module.model, tokenizer
 

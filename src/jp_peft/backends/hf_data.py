@@ -19,17 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-
-def open_token_stream(prefix: str) -> np.ndarray:
-    """All tokens of an indexed dataset, in document order, as a read-only memmap."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    if not (Path(prefix + ".bin").exists() and Path(prefix + ".idx").exists()):
-        raise FileNotFoundError(f"indexed dataset {prefix}.bin/.idx not found")
-    dataset = IndexedDataset(prefix, mmap=True)  # validates the .idx header and sizes
-    dtype = dataset.index.dtype
-    total = int(np.sum(dataset.index.sequence_lengths, dtype=np.int64))
-    return np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(total,))
+from jp_peft.data.blocks import open_token_stream
 
 
 def blend_schedule(weights: list[float], num_samples: int) -> np.ndarray:
@@ -78,25 +68,6 @@ class BlendedBlocks(Dataset):
 
     def epochs(self) -> list[float]:
         return [float(n / len(o)) for n, o in zip(self.samples_per_dataset, self.block_orders)]
-
-
-class EvalBlocks(Dataset):
-    """The first `max_blocks` non-overlapping blocks of a held-out stream: the same every time."""
-
-    def __init__(self, prefix: str, seq_length: int, max_blocks: int):
-        self.stream = open_token_stream(prefix)
-        self.seq_length = seq_length
-        self.n = min(max_blocks, (len(self.stream) - 1) // seq_length)
-        if self.n < 1:
-            raise ValueError(f"{prefix}: too few tokens for one validation block of {seq_length + 1}")
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.seq_length
-        tokens = torch.from_numpy(np.array(self.stream[start:start + self.seq_length + 1], dtype=np.int64))
-        return {"input_ids": tokens[:-1], "labels": tokens[1:]}
 
 
 def load_sft_examples(path: str, tokenizer, seq_length: int) -> list[tuple[list[int], list[int]]]:

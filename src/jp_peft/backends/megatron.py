@@ -1,45 +1,92 @@
 """The NeMo Megatron backend: the spec translated into NVIDIA's own `nemo.collections.llm` objects.
 
-The recipes in recipes/qwen25_500m_ja.py start from `llm.qwen25_500m.finetune_recipe` and
-change only what the spec says differently, with the helpers here. Needs CUDA to run; composing
-(and --dryrun) works anywhere.
+The recipes in recipes/qwen25_500m_ja.py start from `llm.qwen25_500m.finetune_recipe` and change
+only what the spec says differently, with the helpers here. Composing needs neither CUDA nor a
+model on disk; `backends/megatron_stages.py` runs what is composed.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nemo_run as run
 
+from jp_peft import rundir
 from jp_peft.data.blend import nemo_blend_paths
 from jp_peft.lora_mapping import nemo_peft_kwargs
 from jp_peft.spec import ExperimentSpec, LoraSpec, StageSpec
 
 
 def nemo_home() -> Path:
-    import os
-
     return Path(os.environ.get("NEMO_HOME", Path.home() / ".cache" / "nemo"))
 
 
-def imported_base_path(model_name: str) -> Path:
-    """Where import_base puts the NeMo checkpoint: NeMo's own layout, NEMO_HOME/models/<hub id>,
+def hf_base_path(spec: ExperimentSpec) -> str:
+    """The Hugging Face base (a hub id or a directory) the import stage makes available; known at compose time."""
+    if spec.model.tiny:
+        from jp_peft.tiny import tiny_base_path
+
+        return str(tiny_base_path())
+    return spec.model.name
+
+
+def imported_base_path(spec: ExperimentSpec) -> Path:
+    """Where the import stage puts the NeMo checkpoint: NeMo's own layout, NEMO_HOME/models/<hub id>,
     so that `nemo://Qwen/Qwen2.5-0.5B` finds it; a local HF directory imports as local/<dir name>."""
-    local = Path(model_name)
-    key = f"local/{local.name}" if local.is_absolute() or local.exists() else model_name
+    name = hf_base_path(spec)
+    local = Path(name)
+    key = f"local/{local.name}" if local.is_absolute() or local.exists() else name
     return nemo_home() / "models" / key
 
 
-def import_base(model_name: str, output_path: str) -> str:
-    """`llm.import_ckpt` from a hub id or a local HF directory, skipped when already imported."""
+def model_config(spec: ExperimentSpec) -> run.Config:
+    """The NeMo model config class the spec names (Qwen25Config500M), sized like the tiny base if it is the tiny one."""
     from nemo.collections import llm
 
-    output = Path(output_path)
-    if (output / "context").exists() and (output / "weights").exists():
-        print(f"[jp-peft] import: {output} exists, skipped", flush=True)
-        return str(output)
-    llm.import_ckpt(model=llm.qwen25_500m.model(), source=f"hf://{model_name}", output_path=output)
-    return str(output)
+    config = run.Config(getattr(llm, spec.model.nemo_config))
+    if spec.model.tiny:
+        apply_hf_shape(config, _tiny_hf_config())
+    return config
+
+
+def _tiny_hf_config() -> dict:
+    from jp_peft.tiny import TINY_HF_CONFIG
+
+    return TINY_HF_CONFIG
+
+
+def apply_hf_shape(config: run.Config, hf: dict) -> None:
+    """Size fields of a NeMo Qwen2 config from a Hugging Face config, exactly as NeMo's importer
+    derives them (nemo/collections/llm/gpt/model/qwen2.py HFQwen2Importer.config), so that the
+    recipe's model restores the imported checkpoint."""
+    config.num_layers = hf["num_hidden_layers"]
+    config.hidden_size = hf["hidden_size"]
+    config.ffn_hidden_size = hf["intermediate_size"]
+    config.num_attention_heads = hf["num_attention_heads"]
+    config.num_query_groups = hf["num_key_value_heads"]
+    config.init_method_std = hf["initializer_range"]
+    config.layernorm_epsilon = hf["rms_norm_eps"]
+    config.rotary_base = hf["rope_theta"]
+    config.vocab_size = hf["vocab_size"]
+    config.seq_length = hf["max_position_embeddings"]
+    config.share_embeddings_and_output_weights = False  # the importer copies lm_head into the output layer
+
+
+def use_cpu(recipe: run.Partial, spec: ExperimentSpec, stage: str) -> None:
+    """Device fields for NeMo's Megatron path on CPU (backends/megatron_cpu.py gets past the rest)."""
+    recipe.trainer.accelerator = "cpu"
+    recipe.trainer.devices = 1
+    recipe.model.config.use_cpu_initialization = True
+    recipe.model.config.masked_softmax_fusion = False  # the fused softmax is a CUDA kernel
+    # megatron's torch AdamW fallback (no TE/Apex fused Adam) keeps a 0-dim `step` per parameter, which
+    # the default dp_reshardable optimizer checkpoint asserts on (distrib_optimizer.py:1646)
+    recipe.trainer.strategy.ckpt_optim_fully_reshardable = True
+    recipe.trainer.strategy.distrib_optim_fully_reshardable_mem_efficient = True
+    recipe.data.num_workers = 0  # two cores: loader workers would only compete with the training process
+    if stage == "sft":  # packed (THD) attention is Transformer Engine only: unpacked, micro batches as in the spec
+        recipe.data.packed_sequence_specs = None
+        recipe.data.micro_batch_size = spec.sft.train.micro_batch_size
 
 
 def peft_config(lora: LoraSpec) -> run.Config:
@@ -58,7 +105,8 @@ def apply_training(recipe: run.Partial, spec: ExperimentSpec, stage: StageSpec) 
     trainer.max_steps = train.max_steps
     trainer.val_check_interval = train.val_check_interval
     trainer.limit_val_batches = train.limit_val_batches
-    trainer.gradient_clip_val = train.grad_clip
+    # No trainer.gradient_clip_val: NeMo's MegatronMixedPrecision.clip_gradients raises on it at the
+    # first optimizer step; Megatron clips inside its optimizer (optim.config.clip_grad below).
     trainer.strategy.tensor_model_parallel_size = cluster.tensor_parallel
     trainer.strategy.pipeline_model_parallel_size = cluster.pipeline_parallel
     trainer.strategy.context_parallel_size = cluster.context_parallel
@@ -67,6 +115,9 @@ def apply_training(recipe: run.Partial, spec: ExperimentSpec, stage: StageSpec) 
     optim.config.lr = train.lr
     optim.config.weight_decay = train.weight_decay
     optim.config.clip_grad = train.grad_clip
+    # the optimizer's main-parameter dtype follows the training precision (NVIDIA's default is bf16)
+    optim.config.bf16 = train.precision.startswith("bf16")
+    optim.config.fp16 = train.precision == "16-mixed"
     optim.lr_scheduler.warmup_steps = train.warmup_steps
     optim.lr_scheduler.min_lr = train.min_lr
 
@@ -82,20 +133,39 @@ def precision_plugin(precision: str) -> run.Config:
     return run.Config(MegatronMixedPrecision, precision="32")
 
 
-def step_metrics(spec: ExperimentSpec, stage: str) -> run.Config:
-    """jp-peft's throughput/MFU callback, with Qwen2.5-0.5B's FLOPs per token (callbacks/flops.py)."""
-    from jp_peft.callbacks.flops import QWEN25_05B, lora_flops_per_token
+def tokenizer(spec: ExperimentSpec) -> run.Config:
+    """The base model's own tokenizer for the data modules. Without one, PreTrainingDataModule
+    downloads GPT-2's vocabulary in __init__ (pre_training.py:260), which fails offline."""
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+
+    return run.Config(AutoTokenizer, pretrained_model_name=hf_base_path(spec))
+
+
+def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
+    """jp-peft's per-step metrics (throughput, MFU, progress) and per-language validation."""
+    from jp_peft.callbacks.flops import QWEN25_05B, lora_flops_per_token, shape_of_hf_dict
+    from jp_peft.callbacks.language_validation import LanguageValidation
     from jp_peft.callbacks.step_metrics import MegatronStepMetrics
 
     data, train = spec.stage(stage).data, spec.stage(stage).train
-    flops = lora_flops_per_token(QWEN25_05B, data.seq_length, spec.lora.rank, spec.lora.target_modules)
-    return run.Config(MegatronStepMetrics, tokens_per_step=train.global_batch_size * data.seq_length,
-                      flops_per_token=flops)
+    shape = shape_of_hf_dict(_tiny_hf_config()) if spec.model.tiny else QWEN25_05B
+    flops = lora_flops_per_token(shape, data.seq_length, spec.lora.rank, spec.lora.target_modules)
+    log = str(rundir.train_log(spec, stage))
+    return [
+        run.Config(MegatronStepMetrics, log_path=log, tokens_per_step=train.global_batch_size * data.seq_length,
+                   flops_per_token=flops, stage=stage),
+        run.Config(LanguageValidation, prefixes={"ja": data.val_ja, "en": data.val_en}, seq_length=data.seq_length,
+                   max_blocks=train.limit_val_batches * train.micro_batch_size,
+                   every_n_steps=train.val_check_interval, log_path=log,
+                   baseline_path=str(rundir.stage_dir(spec, stage) / "val_baseline.json")),
+    ]
 
 
 def cpt_data(spec: ExperimentSpec) -> run.Config:
-    """Megatron's PreTrainingDataModule over the weighted blend; validation on held-out Japanese."""
+    """Megatron's PreTrainingDataModule over the weighted blend; NeMo's own validation on held-out Japanese."""
     from nemo.collections import llm
+
+    from jp_peft.backends.megatron_data import ExactResumeGPTDataset
 
     data, train = spec.cpt.data, spec.cpt.train
     return run.Config(
@@ -103,7 +173,8 @@ def cpt_data(spec: ExperimentSpec) -> run.Config:
         paths={"train": nemo_blend_paths(list(data.blend)), "validation": [data.val_ja], "test": [data.val_ja]},
         seq_length=data.seq_length, micro_batch_size=train.micro_batch_size,
         global_batch_size=train.global_batch_size, seed=train.seed, num_workers=2,
-        index_mapping_dir=str(spec.group_dir / "data" / "index_cache"),
+        tokenizer=tokenizer(spec), dataset_cls=ExactResumeGPTDataset,
+        index_mapping_dir=str(rundir.index_cache(spec)),
     )
 
 
@@ -114,21 +185,23 @@ def sft_data(spec: ExperimentSpec) -> run.Config:
 
     data, train = spec.sft.data, spec.sft.train
     packing = run.Config(PackedSequenceSpecs, packed_sequence_size=data.seq_length) if data.packing else None
-    return run.Config(
+    config = run.Config(
         llm.FineTuningDataModule,
         dataset_root=str(Path(data.sft_train).parent), seq_length=data.seq_length,
         micro_batch_size=1 if data.packing else train.micro_batch_size,  # packed: one pack per micro batch
         global_batch_size=train.global_batch_size, seed=train.seed, packed_sequence_specs=packing,
+        tokenizer=tokenizer(spec),
         # The prepared input ends with "<|im_start|>assistant\n" and the output with "<|im_end|>":
         # concatenate them as they are, and let the loss fall on the output only.
         dataset_kwargs={"prompt_template": "{input}{output}", "label_key": "output", "truncation_field": "input",
                         "add_bos": False, "add_eos": False, "answer_only_loss": True},
     )
+    return config
 
 
 def logger(spec: ExperimentSpec, stage: str) -> run.Config:
     """NeMoLogger with TensorBoard and W&B (group = experiment, job_type = stage), checkpoints every N steps."""
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
     from nemo import lightning as nl
 
     train = spec.stage(stage).train
@@ -139,8 +212,6 @@ def logger(spec: ExperimentSpec, stage: str) -> run.Config:
         wandb = run.Config(WandbLogger, project=spec.wandb.project, entity=spec.wandb.entity, group=spec.group_name,
                            job_type=stage, name=f"{stage}:{spec.name}", tags=[*spec.wandb.tags, stage, "megatron"],
                            save_dir=str(spec.run_dir), config={"spec": spec.to_dict(), "stage": stage})
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     return run.Config(nl.NeMoLogger, name=stage, log_dir=str(spec.run_dir), use_datetime_version=False, ckpt=ckpt,
                       tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name=stage), wandb=wandb)
 
@@ -154,24 +225,8 @@ def resume(restore_from: str) -> run.Config:
                       resume_if_exists=True, resume_ignore_no_checkpoint=True)
 
 
-def merged_cpt_path(spec: ExperimentSpec) -> Path:
-    return spec.run_dir / "cpt" / "nemo_merged"
-
-
-def stage_task(spec: ExperimentSpec, stage: str, target: str | None = None):
-    """The NeMo-Run callable of one stage on this backend."""
-    import recipes.qwen25_500m_ja as recipe_module
-
-    from jp_peft.stages import run_stage
-
-    if stage == "import":
-        return recipe_module.import_base(spec=spec.to_dict())
-    if stage == "cpt":
-        return recipe_module.cpt_lora(spec=spec.to_dict())
-    if stage == "sft":
-        return recipe_module.sft_lora(spec=spec.to_dict())
-    if stage == "export":
-        from jp_peft.export.megatron import export_stage
-
-        return run.Partial(export_stage, spec=spec.to_dict(), stage=target)
-    return run.Partial(run_stage, spec=spec.to_dict(), stage=stage, target=target)
+def stage_start_nemo(spec: ExperimentSpec, stage: str) -> Path:
+    """The NeMo checkpoint a trained stage restores: the imported base, or for SFT after CPT the merged CPT model."""
+    if stage == "sft" and "cpt" in spec.stages:
+        return rundir.nemo_merged(spec, "cpt")
+    return imported_base_path(spec)

@@ -56,6 +56,11 @@ def shape_of_hf_config(config) -> DecoderShape:
                         config.num_key_value_heads, config.intermediate_size, config.vocab_size)
 
 
+def shape_of_hf_dict(config: dict) -> DecoderShape:
+    return DecoderShape(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+                        config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"])
+
+
 def lora_flops_per_token(shape: DecoderShape, seq_length: int, rank: int, targets) -> float:
     frozen = 4.0 * shape.frozen_linear_params()
     trainable = 6.0 * shape.lora_params(rank, targets)

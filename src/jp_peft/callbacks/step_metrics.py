@@ -25,9 +25,11 @@ def peak_memory_mb() -> float:
 
 
 class StepMetrics(pl.Callback):
-    def __init__(self, log_path: str | Path, flops_per_token: float):
+    def __init__(self, log_path: str | Path, flops_per_token: float, stage: str = "train"):
         self.log_path = Path(log_path)
         self.flops_per_token = flops_per_token
+        self.stage = stage
+        self.step_seconds: list[float] = []
         self.peak = peak_tflops()
         self._reset()
         self.consumed_tokens = 0
@@ -46,10 +48,7 @@ class StepMetrics(pl.Callback):
         # steps logged after that checkpoint (they are trained again): no step appears twice.
         self.consumed_tokens = int(getattr(pl_module, "consumed_tokens", 0))
         self.consumed_samples = trainer.global_step * pl_module.train_spec.global_batch_size
-        if self.log_path.exists():
-            rows = [line for line in self.log_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["trainer/global_step"] <= trainer.global_step]
-            self.log_path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+        truncate_log(self.log_path, trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.step_start is None:
@@ -87,22 +86,34 @@ class StepMetrics(pl.Callback):
             row["perf/mfu"] = tflops / self.peak
         assert all(v is None or math.isfinite(v) for v in row.values()), f"non-finite metric at step {trainer.global_step}"
         self.history.append(row)
+        self.step_seconds.append(seconds)
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+        print(progress_line(self.stage, trainer.global_step, trainer.max_steps, row["train/loss"],
+                            row["perf/tokens_per_s"], self.step_seconds), flush=True)
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "trainer/global_step"}, step=trainer.global_step)
         self._reset()
 
 
 class MegatronStepMetrics(pl.Callback):
-    """The same per-step throughput metrics on NeMo's Megatron strategy, where one Lightning batch
-    is one global batch: tokens/step = global batch x seq length (packed), against trainer/global_step."""
+    """The same per-step rows on NeMo's Megatron strategy, where one Lightning batch is one global
+    batch: tokens/step = global batch x seq length, against trainer/global_step. Rank 0 writes
+    train_log.jsonl (a resumed run drops the rows after its checkpoint, as StepMetrics does) and
+    prints one progress line per step."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float):
+    def __init__(self, log_path: str, tokens_per_step: int, flops_per_token: float, stage: str = "train"):
+        self.log_path = Path(log_path)
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
+        self.stage = stage
         self.peak = peak_tflops()
         self.started = None
+        self.step_seconds: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            truncate_log(self.log_path, trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.started = time.perf_counter()
@@ -111,11 +122,56 @@ class MegatronStepMetrics(pl.Callback):
         if self.started is None:
             return
         seconds = max(time.perf_counter() - self.started, 1e-9)
+        self.step_seconds.append(seconds)
         tflops = self.flops_per_token * self.tokens_per_step / seconds / 1e12
-        row = {"perf/step_time_s": seconds, "perf/tokens_per_s": self.tokens_per_step / seconds,
+        row = {"trainer/global_step": trainer.global_step, "train/loss": _loss_of(outputs, trainer),
+               "train/lr": _lr_of(trainer), "perf/step_time_s": seconds,
+               "perf/tokens_per_s": self.tokens_per_step / seconds,
                "perf/consumed_tokens": trainer.global_step * self.tokens_per_step,
                "perf/peak_memory_mb": peak_memory_mb(), "perf/tflops_per_s": tflops}
         if self.peak:
             row["perf/mfu"] = tflops / self.peak
         for logger in trainer.loggers:
-            logger.log_metrics(row, step=trainer.global_step)
+            logger.log_metrics({k: v for k, v in row.items() if k != "trainer/global_step"}, step=trainer.global_step)
+        if trainer.global_rank == 0:
+            with open(self.log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(progress_line(self.stage, trainer.global_step, trainer.max_steps, row["train/loss"],
+                                row["perf/tokens_per_s"], self.step_seconds), flush=True)
+
+
+def truncate_log(log_path: Path, global_step: int) -> None:
+    """Keep the rows up to `global_step` (a resumed run trains the later steps again); a fresh start keeps none."""
+    if not log_path.exists():
+        return
+    keep = []
+    if global_step > 0:
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and json.loads(line).get("trainer/global_step", 0) <= global_step:
+                keep.append(line + "\n")
+    log_path.write_text("".join(keep), encoding="utf-8")
+
+
+def progress_line(stage: str, step: int, max_steps: int, loss: float | None, tokens_per_s: float,
+                  step_seconds: list[float]) -> str:
+    """`[jp-peft] cpt step 12/40 loss 6.5123 3,410 tok/s ETA 0:00:15`: what the launcher shows per stage."""
+    recent = step_seconds[-20:]
+    eta = int(sum(recent) / len(recent) * max(max_steps - step, 0)) if recent else 0
+    loss_text = f"{loss:.4f}" if loss is not None else "n/a"
+    return (f"[jp-peft] {stage} step {step}/{max_steps} loss {loss_text} {tokens_per_s:,.0f} tok/s "
+            f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+
+
+def _loss_of(outputs, trainer) -> float | None:
+    """NeMo's training_step returns the step's reduced loss (a tensor, or a dict with 'loss')."""
+    value = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if value is None:
+        value = trainer.callback_metrics.get("reduced_train_loss")
+    return float(value) if value is not None else None
+
+
+def _lr_of(trainer) -> float | None:
+    try:
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None

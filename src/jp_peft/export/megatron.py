@@ -1,23 +1,11 @@
-"""The export stage of the Megatron backend (needs CUDA: NeMo loads its checkpoints on the GPU).
-
-For a trained stage S: the last NeMo LoRA checkpoint -> S/hf_adapter (jp-peft's Qwen2 hf-peft
-exporter), S/nemo_merged (NeMo's llm.peft.merge_lora) -> S/hf_merged (NeMo's "hf" exporter,
-tied embeddings checked) and S/model.nemo, then S/metrics.json measured with the HF models.
-"""
+"""Pieces of the Megatron backend's export stage (backends/megatron_stages.export runs them):
+merging a NeMo LoRA checkpoint into its base, and the tied-embedding check of an exported model."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-
-from jp_peft.spec import experiment_from_dict
-
-
-def last_checkpoint(stage_dir: Path) -> Path:
-    candidates = sorted((stage_dir / "checkpoints").glob("*-last"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"{stage_dir}/checkpoints: no *-last checkpoint; did the stage finish?")
-    return candidates[-1]
 
 
 def fix_tied_embeddings(hf_dir: Path) -> bool:
@@ -45,50 +33,34 @@ def fix_tied_embeddings(hf_dir: Path) -> bool:
     return True
 
 
-def export_stage(spec: dict, stage: str) -> dict:
+def merge_lora(lora_checkpoint: Path, output: Path, fp32: bool) -> None:
+    """The LoRA checkpoint merged into its base, as a NeMo checkpoint at `output`.
+
+    bf16 runs use NeMo's own llm.peft.merge_lora. It always merges in bf16 (peft/api.py:104 plugin,
+    :126-127 model dtype), which rounds an fp32 run's merged weights (PEFT(base + adapter) then differs
+    from the merged model by ~4e-3 on the tiny model); fp32 runs merge with the same NeMo pieces
+    merge_lora uses, in fp32.
+    """
     from nemo.collections import llm
 
-    from jp_peft.export.hf_peft import register_qwen2_hf_peft_exporter
-    from jp_peft.export.nemo_archive import write_nemo_archive
-    from jp_peft.stages import _write_json
+    if output.exists():
+        shutil.rmtree(output)
+    if not fp32:
+        llm.peft.merge_lora(lora_checkpoint_path=str(lora_checkpoint), output_path=str(output))
+        return
+    import nemo_run as run
+    import torch
+    from nemo.collections.llm.peft import api as peft_api
+    from nemo.collections.llm.peft.lora import LoRAMerge
+    from nemo.lightning import MegatronStrategy, Trainer
+    from nemo.lightning.pytorch.plugins.mixed_precision import MegatronMixedPrecision
 
-    exp = experiment_from_dict(spec)
-    stage_dir = exp.run_dir / stage
-    ckpt = last_checkpoint(stage_dir)
-    register_qwen2_hf_peft_exporter()
-    # The adapter names the base the user configured (a hub id or a local HF directory), not NeMo's
-    # guess from the checkpoint's import path: export checks and users load it from there.
-    llm.export_ckpt(path=ckpt, target="hf-peft", output_path=stage_dir / "hf_adapter", overwrite=True,
-                    base_model_name_or_path=exp.model.name)
-    merged = stage_dir / "nemo_merged"
-    llm.peft.merge_lora(lora_checkpoint_path=str(ckpt), output_path=str(merged))
-    llm.export_ckpt(path=merged, target="hf", output_path=stage_dir / "hf_merged", overwrite=True)
-    untied = fix_tied_embeddings(stage_dir / "hf_merged")
-    archive = write_nemo_archive(merged, stage_dir / "model.nemo")
-    result = {"checkpoint": str(ckpt), "hf_adapter": str(stage_dir / "hf_adapter"),
-              "hf_merged": str(stage_dir / "hf_merged"), "nemo": archive, "untied_embeddings": untied}
-    _write_json(stage_dir / "metrics.json", stage_metrics(exp, stage, stage_dir, ckpt))
-    _write_json(stage_dir / "export_check.json", result | {"ok": True})
-    return result
-
-
-def stage_metrics(exp, stage: str, stage_dir: Path, ckpt: Path) -> dict:
-    """metrics.json of a Megatron stage: JA/EN validation perplexity of the stage's starting model
-    and of the exported merged model, measured the same way as on the hf backend."""
-    import math
-    import re
-
-    from jp_peft.export.verify import validation_loss
-
-    data = exp.stage(stage).data
-    base = str(exp.run_dir / "cpt" / "hf_merged") if stage == "sft" and "cpt" in exp.stages else exp.model.name
-    merged = str(stage_dir / "hf_merged")
-    metrics = {"stage": stage, "backend": "megatron", "base_model": base, "checkpoint": str(ckpt),
-               "hf_adapter": str(stage_dir / "hf_adapter"), "hf_merged": merged}
-    step = re.search(r"step=(\d+)", ckpt.name)
-    metrics["steps"] = int(step.group(1)) + 1 if step else None
-    for lang in ("ja", "en"):
-        for key, model in (("base_val", base), ("val", merged)):
-            loss = validation_loss(model, getattr(data, f"val_{lang}"), data.seq_length)
-            metrics[f"{key}_loss_{lang}"], metrics[f"{key}_ppl_{lang}"] = loss, math.exp(loss)
-    return metrics
+    # as merge_lora does (a run.Config, not an instance: the merged checkpoint's context serialises it)
+    trainer = Trainer(devices=1, accelerator="cpu", strategy=MegatronStrategy(
+        ddp="pytorch", setup_optimizers=False, plugins=run.Config(MegatronMixedPrecision, precision="32")))
+    model, lora = peft_api._load_base_model_and_lora(Path(lora_checkpoint))
+    model.config.bf16, model.config.params_dtype = False, torch.float32  # what merge_lora sets to bf16
+    peft_api._setup_trainer_and_restore_model_and_adapter(Path(lora_checkpoint), trainer, model, lora)
+    merged = LoRAMerge()(trainer.strategy.megatron_parallel)
+    weights = {k: v for k, v in merged.sharded_state_dict().items() if ".adapter." not in k}
+    peft_api._save_merged_weight(str(output), weights, model, trainer)

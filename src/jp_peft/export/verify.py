@@ -18,7 +18,7 @@ def compare_adapter_and_merged(adapter_dir: Path, merged_dir: Path, val_prefix: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jp_peft.backends.hf_data import EvalBlocks
+    from jp_peft.data.blocks import EvalBlocks
 
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], torch_dtype=torch.float32)
@@ -40,7 +40,7 @@ def validation_loss(model_dir: str, val_prefix: str, seq_length: int, max_blocks
     """Token-mean cross-entropy of a Hugging Face model on held-out indexed-dataset blocks."""
     from transformers import AutoModelForCausalLM
 
-    from jp_peft.backends.hf_data import EvalBlocks
+    from jp_peft.data.blocks import EvalBlocks
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()

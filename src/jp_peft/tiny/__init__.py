@@ -131,12 +131,23 @@ def pretrain_base(tokenizer, out_dir: Path) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def tiny_base_path() -> Path:
+    """Where the tiny base of this checkout lives (built or not): the key hashes its recipe and data."""
+    return cache_root() / f"tiny-qwen2-{_build_key()}"
+
+
+# The Hugging Face config values of the tiny base that a NeMo model config must mirror (pretrain_base
+# builds it with these; the vocabulary is padded to a multiple of 64 and is 2048 for this tokenizer).
+TINY_HF_CONFIG = {**TINY, "tie_word_embeddings": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                  "initializer_range": 0.02}
+
+
 def ensure_tiny_base(log=print) -> Path:
     """Directory of the cached tiny base (tokenizer + model), building it if needed."""
     import fcntl
 
-    key = _build_key()
-    target = cache_root() / f"tiny-qwen2-{key}"
+    target = tiny_base_path()
+    key = target.name.removeprefix("tiny-qwen2-")
     if (target / "jp_peft_base.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

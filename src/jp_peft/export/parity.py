@@ -1,0 +1,76 @@
+"""Logit parity between the forms one model takes: Hugging Face, PEFT adapter on its base, NeMo/Megatron.
+
+Every check runs the models in fp32 on the same token ids and reports max |logit difference| and
+the share of positions whose argmax agrees; `check` turns a comparison into a pass/fail record
+with the tolerance and the reason for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# fp32: the same weights through two implementations differ only by summation order.
+FP32_ATOL = 1e-4
+
+
+def random_ids(vocab_size: int, batch: int = 2, length: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def held_out_ids(val_prefix: str, length: int = 64, n: int = 8) -> torch.Tensor:
+    """The first n blocks of a held-out indexed dataset (real text, the same every time)."""
+    from jp_peft.data.blocks import EvalBlocks
+
+    blocks = EvalBlocks(val_prefix, length, n)
+    return torch.stack([blocks[i]["input_ids"] for i in range(len(blocks))])
+
+
+@torch.no_grad()
+def hf_logits(model_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    return model(input_ids=ids).logits.float()
+
+
+@torch.no_grad()
+def peft_logits(adapter_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    """The adapter on the base its adapter_config.json names, as a user would load it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_name = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_name, torch_dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()(input_ids=ids).logits.float()
+
+
+@torch.no_grad()
+def nemo_logits(checkpoint: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a NeMo 2 checkpoint through its Megatron forward, loaded on CPU as NeMo's exporters load it."""
+    from nemo.collections.llm.gpt.model.qwen2 import HFQwen2Exporter
+
+    model, _ = HFQwen2Exporter(str(checkpoint)).nemo_load(str(checkpoint), cpu=True)
+    model.eval()
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model.forward(input_ids=ids, position_ids=positions, attention_mask=None).float()
+
+
+def check(name: str, a: torch.Tensor, b: torch.Tensor, atol: float, reason: str) -> dict:
+    diff = float((a - b).abs().max())
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    return {"check": name, "max_abs_diff": diff, "argmax_agreement": agree, "atol": atol, "ok": diff <= atol,
+            "tolerance_reason": reason, "positions": int(a.shape[0] * a.shape[1])}
+
+
+class ParityError(RuntimeError):
+    """An exported or imported model does not reproduce the model it came from."""
+
+
+def require(checks: list[dict], where: str) -> None:
+    failed = [c for c in checks if not c["ok"]]
+    if failed:
+        raise ParityError(f"{where}: " + "; ".join(
+            f"{c['check']}: max |logit diff| {c['max_abs_diff']:.3e} > {c['atol']:.1e}" for c in failed))

@@ -1,0 +1,144 @@
+"""The run directory: where every stage reads and writes, for both backends. The one owner of the layout.
+
+    OUTPUT_DIR/GROUP/import/base.json            the base model (HF dir, tokenizer, NeMo checkpoint)
+    OUTPUT_DIR/GROUP/data/prepared.json          what the data stage prepared
+    OUTPUT_DIR/GROUP/launches/                   NeMo-Run experiment dirs (task logs)
+    OUTPUT_DIR/NAME/spec.json                    the resolved spec of the run
+    OUTPUT_DIR/NAME/{cpt,sft}/metrics.json       the stage's metrics record (jp_peft.metrics)
+    OUTPUT_DIR/NAME/{cpt,sft}/train_log.jsonl    per-step and per-validation rows
+    OUTPUT_DIR/NAME/{cpt,sft}/checkpoints/       the trainer's checkpoints (resume)
+    OUTPUT_DIR/NAME/{cpt,sft}/hf_adapter/        PEFT adapter
+    OUTPUT_DIR/NAME/{cpt,sft}/hf_merged/         merged Hugging Face model + tokenizer
+    OUTPUT_DIR/NAME/{cpt,sft}/model.nemo         merged NeMo checkpoint, one file (Megatron backend)
+    OUTPUT_DIR/NAME/{cpt,sft}/export.json        the export record: artifacts and parity checks
+    OUTPUT_DIR/NAME/eval/results.json            downstream task scores of base, cpt and sft
+    OUTPUT_DIR/NAME/summary.json                 the table printed at the end
+
+GROUP is the sweep's group (NAME for a single run): the stages a sweep shares write there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jp_peft.spec import ExperimentSpec
+
+
+class MissingRecord(FileNotFoundError):
+    """A stage needs a record that the stage writing it has not written (yet)."""
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Written aside and renamed into place: a reader sees the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, needed_by: str) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise MissingRecord(f"{needed_by}: {path} not found; did the stage that writes it finish?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MissingRecord(f"{needed_by}: {path} is not valid JSON ({exc}); rerun the stage that writes it") from None
+
+
+def import_record(spec: ExperimentSpec) -> Path:
+    return spec.group_dir / "import" / "base.json"
+
+
+def data_record(spec: ExperimentSpec) -> Path:
+    return spec.group_dir / "data" / "prepared.json"
+
+
+def index_cache(spec: ExperimentSpec) -> Path:
+    """Megatron's sample-index cache of the shared data (one per group)."""
+    return spec.group_dir / "data" / "index_cache"
+
+
+def launches_dir(spec: ExperimentSpec) -> Path:
+    # Not ".../nemo_run": NeMo-Run rewrites every "/nemo_run" in a bare-metal sbatch script to the job dir.
+    return spec.group_dir / "launches"
+
+
+def spec_file(spec: ExperimentSpec) -> Path:
+    return spec.run_dir / "spec.json"
+
+
+def stage_dir(spec: ExperimentSpec, stage: str) -> Path:
+    return spec.run_dir / stage
+
+
+def metrics_file(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "metrics.json"
+
+
+def train_log(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "train_log.jsonl"
+
+
+def checkpoints(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "checkpoints"
+
+
+def hf_adapter(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "hf_adapter"
+
+
+def hf_merged(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "hf_merged"
+
+
+def nemo_merged(spec: ExperimentSpec, stage: str) -> Path:
+    """The merged NeMo checkpoint directory (SFT on Megatron restores from the CPT one)."""
+    return stage_dir(spec, stage) / "nemo_merged"
+
+
+def nemo_archive(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "model.nemo"
+
+
+def export_record(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "export.json"
+
+
+def eval_dir(spec: ExperimentSpec) -> Path:
+    return spec.run_dir / "eval"
+
+
+def summary_file(spec: ExperimentSpec) -> Path:
+    return spec.run_dir / "summary.json"
+
+
+def stage_record(spec: ExperimentSpec, stage: str, target: str | None = None) -> Path:
+    """The file a stage writes last: its presence is the launcher's proof that the stage finished."""
+    if stage == "import":
+        return import_record(spec)
+    if stage == "data":
+        return data_record(spec)
+    if stage == "export":
+        return export_record(spec, target)
+    if stage == "eval":
+        return summary_file(spec)
+    return metrics_file(spec, stage)
+
+
+def base_model_dir(spec: ExperimentSpec) -> str:
+    """The Hugging Face directory of the base model (tokenizer included), from the import record."""
+    return read_json(import_record(spec), "base model")["base_dir"]
+
+
+def stage_start_hf(spec: ExperimentSpec, stage: str) -> str:
+    """The Hugging Face model a trained stage starts from: the base, or for SFT after CPT the merged
+    CPT model. Exported adapters name it as their base, and before/after perplexities compare to it."""
+    if stage == "sft" and "cpt" in spec.stages:
+        read_json(export_record(spec, "cpt"), "sft starts from the exported cpt result")
+        return str(hf_merged(spec, "cpt").resolve())
+    return base_model_dir(spec)
