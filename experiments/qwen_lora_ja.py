@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--wait", action="store_true", help="slurm: block until every job has finished")
     parser.add_argument("--dryrun", action="store_true", help="print every task's config and executor; run nothing")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="spec overrides, e.g. lora.rank=16")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def has_cuda_device() -> bool:

@@ -81,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_stage(args) -> int:
+    """One stage in this process, exactly as its NeMo-Run task runs it (the same task config, built)."""
+    import fiddle as fdl
+
+    from jp_peft.experiment import PlannedTask, task_config
+    from jp_peft.spec import experiment_from_dict
+
+    spec = experiment_from_dict(json.loads(open(args.spec, encoding="utf-8").read()))
+    recipes = None
+    if spec.backend == "megatron":
+        from recipes import qwen25_500m_ja as recipes
+    task = PlannedTask(f"{spec.name}-{args.stage}", args.stage, spec, [], target=args.target)
+    fdl.build(task_config(task, recipes))()
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from jp_peft.data.prepare import PrepareConfig, StrictModeError, prepare
 
@@ -141,11 +157,7 @@ def main(argv=None) -> int:
         print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
         return 0
     if args.command == "stage":
-        from jp_peft.stages import run_stage
-
-        spec = json.loads(open(args.spec, encoding="utf-8").read())
-        run_stage(spec, args.stage, args.target)
-        return 0
+        return cmd_stage(args)
     if args.command == "wandb":
         from jp_peft.callbacks.wandb_run import sync_offline_runs
 

@@ -6,7 +6,9 @@
     OUTPUT_DIR/NAME/spec.json                    the resolved spec of the run
     OUTPUT_DIR/NAME/{cpt,sft}/metrics.json       the stage's metrics record (jp_peft.metrics)
     OUTPUT_DIR/NAME/{cpt,sft}/train_log.jsonl    per-step and per-validation rows
-    OUTPUT_DIR/NAME/{cpt,sft}/checkpoints/       the trainer's checkpoints (resume)
+    OUTPUT_DIR/NAME/{cpt,sft}/val_baseline.json  the starting model's held-out losses (Megatron)
+    OUTPUT_DIR/NAME/{cpt,sft}/checkpoints/       the trainer's checkpoints (resume); on Megatron
+    OUTPUT_DIR/NAME/{cpt,sft}/nemo/              NeMo's log directory, checkpoints/ inside
     OUTPUT_DIR/NAME/{cpt,sft}/hf_adapter/        PEFT adapter
     OUTPUT_DIR/NAME/{cpt,sft}/hf_merged/         merged Hugging Face model + tokenizer
     OUTPUT_DIR/NAME/{cpt,sft}/model.nemo         merged NeMo checkpoint, one file (Megatron backend)
@@ -84,7 +86,21 @@ def train_log(spec: ExperimentSpec, stage: str) -> Path:
     return stage_dir(spec, stage) / "train_log.jsonl"
 
 
+def val_baseline(spec: ExperimentSpec, stage: str) -> Path:
+    """The starting model's held-out losses, measured before the first step (a resumed run reuses them)."""
+    return stage_dir(spec, stage) / "val_baseline.json"
+
+
+def nemo_log_dir(spec: ExperimentSpec, stage: str) -> Path:
+    """NeMoLogger's directory of a Megatron stage. Its own: on every resume NeMo moves each file it finds
+    there into run_N/ (nemo_logger.py _setup_files_to_move), which must not take jp-peft's records along."""
+    return stage_dir(spec, stage) / "nemo"
+
+
 def checkpoints(spec: ExperimentSpec, stage: str) -> Path:
+    """The trainer's checkpoints (NeMo keeps them in its log directory)."""
+    if spec.backend == "megatron":
+        return nemo_log_dir(spec, stage) / "checkpoints"
     return stage_dir(spec, stage) / "checkpoints"
 
 

@@ -142,9 +142,14 @@ def tokenizer(spec: ExperimentSpec) -> run.Config:
 
 
 def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
-    """jp-peft's per-step metrics (throughput, MFU, progress) and per-language validation."""
+    """jp-peft's per-step metrics (throughput, MFU, progress) and per-language validation, and NeMo's
+    PreemptionCallback: SIGTERM (Slurm preemption, scancel, Ctrl-C at the launcher) saves the last
+    checkpoint at the end of the current step and stops, so the same command resumes."""
+    from nemo.lightning.pytorch.callbacks import PreemptionCallback
+
     from jp_peft.callbacks.flops import QWEN25_05B, lora_flops_per_token, shape_of_hf_dict
     from jp_peft.callbacks.language_validation import LanguageValidation
+    from jp_peft.callbacks.step_seed import StepSeed
     from jp_peft.callbacks.step_metrics import MegatronStepMetrics
 
     data, train = spec.stage(stage).data, spec.stage(stage).train
@@ -152,12 +157,15 @@ def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
     flops = lora_flops_per_token(shape, data.seq_length, spec.lora.rank, spec.lora.target_modules)
     log = str(rundir.train_log(spec, stage))
     return [
+        run.Config(PreemptionCallback),
+        run.Config(StepSeed, seed=train.seed),
         run.Config(MegatronStepMetrics, log_path=log, tokens_per_step=train.global_batch_size * data.seq_length,
                    flops_per_token=flops, stage=stage),
         run.Config(LanguageValidation, prefixes={"ja": data.val_ja, "en": data.val_en}, seq_length=data.seq_length,
                    max_blocks=train.limit_val_batches * train.micro_batch_size,
                    every_n_steps=train.val_check_interval, log_path=log,
-                   baseline_path=str(rundir.stage_dir(spec, stage) / "val_baseline.json")),
+                   baseline_path=str(rundir.val_baseline(spec, stage)),
+                   checkpoint_dir=str(rundir.checkpoints(spec, stage))),
     ]
 
 
@@ -212,8 +220,9 @@ def logger(spec: ExperimentSpec, stage: str) -> run.Config:
         wandb = run.Config(WandbLogger, project=spec.wandb.project, entity=spec.wandb.entity, group=spec.group_name,
                            job_type=stage, name=f"{stage}:{spec.name}", tags=[*spec.wandb.tags, stage, "megatron"],
                            save_dir=str(spec.run_dir), config={"spec": spec.to_dict(), "stage": stage})
-    return run.Config(nl.NeMoLogger, name=stage, log_dir=str(spec.run_dir), use_datetime_version=False, ckpt=ckpt,
-                      tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name=stage), wandb=wandb)
+    log_dir = rundir.nemo_log_dir(spec, stage)
+    return run.Config(nl.NeMoLogger, name=log_dir.name, log_dir=str(log_dir.parent), use_datetime_version=False,
+                      ckpt=ckpt, tensorboard=run.Config(TensorBoardLogger, save_dir="tb_logs", name=stage), wandb=wandb)
 
 
 def resume(restore_from: str) -> run.Config:

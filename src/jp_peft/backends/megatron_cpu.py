@@ -40,8 +40,10 @@ class Adaptation:
     sha256: str  # first 16 hex digits of the upstream function's (dedented) source
     # (old, new) or (old, new, count): `old` must occur exactly `count` times (default once)
     edits: tuple[tuple, ...]
-    # "cuda": applied where CUDA is missing; "te": applied where Transformer Engine is missing
-    # (NeMo then builds megatron's local layer spec, on CPU and GPU alike)
+    # What upstream assumes and this machine lacks: "cuda" (applied where CUDA is missing), "te"
+    # (where Transformer Engine is missing: NeMo then builds megatron's local layer spec, on CPU and GPU
+    # alike), "fused_adam" (where megatron has neither TE's nor Apex's fused Adam and falls back to
+    # torch's AdamW, which keeps a `step` per parameter)
     assumes: str = "cuda"
 
 
@@ -142,6 +144,11 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
                "counts the ranks that built the SFT sample mapping in a torch.cuda.LongTensor", "574dc027574a3ca5",
                (("torch.cuda.LongTensor([1])", "torch.LongTensor([1])"),)),
 
+    Adaptation("nemo.lightning.pytorch.callbacks.preemption:PreemptionCallback.interrupted",
+               "nemo/lightning/pytorch/callbacks/preemption.py:113",
+               "broadcasts rank 0's 'signal received' flag in a CUDA tensor after every step", "6a9ef68e1e2a3362",
+               (("device=torch.cuda.current_device()", "device='cpu'"),)),
+
     # --- NeMo's checkpoint I/O and its Megatron wrapper ---------------------------------------
     Adaptation("nemo.lightning.io.pl:_fix_tensors_device", "nemo/lightning/io/pl.py:495",
                "asserts CUDA after every checkpoint load, to move CUDA tensors to this rank's GPU; "
@@ -167,6 +174,29 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
                "nemo/lightning/pytorch/strategies/megatron_strategy.py:881,888",
                "logs the gradient norm and zero count as pinned tensors copied to CUDA", "7294ef2a41eeb1bc",
                ((_PINNED_TO_CUDA, ")", 2),)),
+
+    # --- TE/Apex fused Adam assumed: megatron's torch AdamW fallback cannot resume exactly ------
+    Adaptation("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
+               "megatron/core/optimizer/distrib_optimizer.py:637-639",
+               "asserts that every parameter's AdamW `step` is one value; before the first step (a resume "
+               "builds the optimizer's sharded state dict to load into) there is no state and no step", "cc2fc62014a96b4e",
+               (("        assert len(steps) == 1\n        step = steps[0]",
+                 "        assert len(steps) <= 1\n        step = steps[0] if steps else 0"),),
+               assumes="fused_adam"),
+    Adaptation("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+               "megatron/core/optimizer/distrib_optimizer.py:821",
+               "gives every parameter the same `step` tensor; AdamW increments it in place once per parameter, "
+               "so after a resume the bias correction runs ahead (seen: step 67 after 2 steps, 32 params)", "8df52519d4c8e965",
+               (('            s["step"] = step\n', '            s["step"] = step.clone()\n'),),
+               assumes="fused_adam"),
+    Adaptation("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._set_main_param_and_optimizer_states",
+               "megatron/core/optimizer/distrib_optimizer.py:927-928",
+               "copies every optimizer state key from the fully-reshardable checkpoint, which stores no `step` "
+               "(KeyError); load_state_dict restores `step` from the param groups", "0f5b599c6cb16c50",
+               (("        for key in dst_tensors:\n            dst_tensors[key].copy_(tensors[key])",
+                 "        for key in dst_tensors:\n            if key == 'step' and key not in tensors:\n"
+                 "                continue\n            dst_tensors[key].copy_(tensors[key])"),),
+               assumes="fused_adam"),
 
     # --- Transformer Engine assumed: wrong on any machine without TE -------------------------
     Adaptation("nemo.collections.llm.gpt.model.qwen2:HFQwen2Importer.convert_state",
@@ -194,6 +224,8 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
 # --- the mechanism ---------------------------------------------------------------------------
 
 _ORIGINAL_CODE: dict[str, object] = {}  # target -> the function's upstream code object, while enabled
+_ADAPTED_SOURCE: dict[str, str] = {}  # target -> its source with the edits applied so far (two adaptations may share one)
+_APPLIED: set[int] = set()  # ids of the Adaptation entries applied
 _ORIGINAL_VALUES: dict[str, object] = {}
 
 
@@ -207,6 +239,8 @@ def _resolve(target: str):
     raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
     if isinstance(raw, (staticmethod, classmethod)):
         raw = raw.__func__
+    elif isinstance(raw, property):
+        raw = raw.fget
     func = inspect.unwrap(raw)
     if not inspect.isfunction(func):
         raise MegatronCpuError(f"{target}: not a Python function ({type(func).__name__})")
@@ -257,6 +291,7 @@ def _apply(adaptation: Adaptation) -> None:
             f"{adaptation.sha256}): the CPU tier supports exactly {_pins()}")
     if any(part.startswith("__") and not part.endswith("__") for part in _identifiers(source)):
         raise MegatronCpuError(f"{adaptation.target}: uses a name-mangled attribute; cannot be recompiled outside its class")
+    source = _ADAPTED_SOURCE.get(adaptation.target, source)
     for old, new, *count in adaptation.edits:
         expected = count[0] if count else 1
         if source.count(old) != expected:
@@ -264,8 +299,10 @@ def _apply(adaptation: Adaptation) -> None:
                                    f"found {source.count(old)}")
         source = source.replace(old, new)
     code = _adapted_code(func, source)
-    _ORIGINAL_CODE[adaptation.target] = func.__code__
+    _ORIGINAL_CODE.setdefault(adaptation.target, func.__code__)
+    _ADAPTED_SOURCE[adaptation.target] = source
     func.__code__ = code
+    _APPLIED.add(id(adaptation))
 
 
 def _identifiers(source: str):
@@ -296,18 +333,29 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def have_fused_adam() -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def missing_on_gpu() -> set[str]:
+    """What a CUDA machine can still lack: Transformer Engine, a fused Adam."""
+    return ({"te"} if not have_transformer_engine() else set()) | ({"fused_adam"} if not have_fused_adam() else set())
+
+
 def enable() -> list[str]:
     """Apply every adaptation (idempotent) in a process without CUDA. Returns the targets applied."""
     import torch
 
     if torch.cuda.is_available():
         raise MegatronCpuError("CUDA is available: the CPU adaptations must not be applied on a GPU machine")
-    return _enable({"cuda"} | ({"te"} if not have_transformer_engine() else set()))
+    return _enable({"cuda"} | missing_on_gpu())
 
 
-def enable_without_transformer_engine() -> list[str]:
-    """Only the Transformer Engine adaptations (a GPU machine without TE). No-op where TE is installed."""
-    return [] if have_transformer_engine() else _enable({"te"})
+def enable_for_gpu() -> list[str]:
+    """On a CUDA machine, only the adaptations for what it lacks (TE, fused Adam); none on NVIDIA's container."""
+    return _enable(missing_on_gpu()) if missing_on_gpu() else []
 
 
 def _enable(kinds: set[str]) -> list[str]:
@@ -315,7 +363,7 @@ def _enable(kinds: set[str]) -> list[str]:
     _set_module_values(kinds)
     chosen = [a for a in ADAPTATIONS if a.assumes in kinds]
     for adaptation in chosen:
-        if adaptation.target not in _ORIGINAL_CODE:
+        if id(adaptation) not in _APPLIED:
             _apply(adaptation)
     return [a.target for a in chosen]
 
@@ -338,6 +386,8 @@ def disable() -> None:
     for target, code in list(_ORIGINAL_CODE.items()):
         _resolve(target).__code__ = code
         del _ORIGINAL_CODE[target]
+    _ADAPTED_SOURCE.clear()
+    _APPLIED.clear()
     if "peft_utils.HAVE_TE" in _ORIGINAL_VALUES:
         from nemo.collections.llm.peft import utils as peft_utils
 

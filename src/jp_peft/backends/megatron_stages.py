@@ -27,7 +27,7 @@ def prepare_process(spec: ExperimentSpec) -> list[str]:
     from jp_peft.backends import megatron_cpu
 
     if torch.cuda.is_available():
-        return megatron_cpu.enable_without_transformer_engine()
+        return megatron_cpu.enable_for_gpu()
     if not spec.model.tiny or spec.cluster.accelerator != "cpu":
         raise RuntimeError("no CUDA device in this process: the Megatron backend runs on CPU only for the "
                            "embedded tiny model (--smoke, cluster.accelerator=cpu)")
@@ -103,6 +103,9 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
         raise rundir.MissingRecord(f"{stage}: the NeMo checkpoint to start from, {start_nemo}, is missing or incomplete")
     trainer, model = recipe.keywords["trainer"], recipe.keywords["model"]
     resumed = last_checkpoint(rundir.checkpoints(spec, stage), missing_ok=True)
+    if resumed is None:  # a fresh start: nothing of an earlier attempt that saved no checkpoint counts
+        rundir.train_log(spec, stage).unlink(missing_ok=True)
+        rundir.val_baseline(spec, stage).unlink(missing_ok=True)
     started = time.perf_counter()
     recipe()
     wall = time.perf_counter() - started
@@ -131,8 +134,18 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
 
 
 def last_checkpoint(ckpt_dir: Path, missing_ok: bool = False) -> Path | None:
-    """NeMo's newest `*-last` checkpoint of a stage (ModelCheckpoint save_last=True)."""
-    candidates = sorted(Path(ckpt_dir).glob("*-last"), key=lambda p: p.stat().st_mtime) if Path(ckpt_dir).exists() else []
+    """The checkpoint NeMo's AutoResume would resume a stage from: the newest finished `*-last` one
+    (nemo/lightning/resume.py _find_trainer_ckpt_path; an interrupted save leaves an unfinished marker)."""
+    from nemo.lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
+
+    finished = []
+    for path in Path(ckpt_dir).glob("*-last") if Path(ckpt_dir).exists() else ():
+        try:
+            if path.is_dir() and not ModelCheckpoint.is_checkpoint_unfinished(path):
+                finished.append((path.stat().st_mtime, path))
+        except FileNotFoundError:  # removed while we looked (NeMo prunes unfinished and old "last" ones)
+            continue
+    candidates = [path for _, path in sorted(finished)]
     if not candidates:
         if missing_ok:
             return None

@@ -24,11 +24,12 @@ from jp_peft.rundir import write_json
 
 class LanguageValidation(pl.Callback):
     def __init__(self, prefixes: dict[str, str], seq_length: int, max_blocks: int, every_n_steps: int,
-                 log_path: str, baseline_path: str, micro_batch: int = 4):
+                 log_path: str, baseline_path: str, checkpoint_dir: str, micro_batch: int = 4):
         self.prefixes = dict(prefixes)
         self.seq_length, self.max_blocks, self.micro_batch = seq_length, max_blocks, micro_batch
         self.every_n_steps = every_n_steps
         self.log_path, self.baseline_path = Path(log_path), Path(baseline_path)
+        self.checkpoint_dir = checkpoint_dir
         self.baseline: dict[str, float] = {}
         self.final: dict[str, float] = {}
         self.history: list[dict] = []
@@ -88,20 +89,20 @@ class LanguageValidation(pl.Callback):
 
     # --- when -----------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
-        if self.baseline_path.exists():  # a resumed run: the starting point was measured before its first step
+        # A resumed run (NeMo restores its step only at the first epoch start, so its checkpoint tells):
+        # the starting point was measured before the first step of the first attempt.
+        if self.baseline_path.exists() and any(Path(self.checkpoint_dir).glob("*-last")):
             self.baseline = json.loads(self.baseline_path.read_text(encoding="utf-8"))
-            self.history = [json.loads(line) for line in self.log_path.read_text(encoding="utf-8").splitlines()
-                            if line.strip() and "val/ja_loss" in line] if self.log_path.exists() else []
             return
-        if trainer.global_step > 0:
-            raise RuntimeError(f"resuming at step {trainer.global_step} but {self.baseline_path} is missing: "
-                               "the starting model's losses cannot be measured any more; start the stage over")
         self.baseline = self.losses(pl_module)
         if trainer.global_rank == 0:
             write_json(self.baseline_path, self.baseline)
         self._record(trainer, self.baseline)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.history and self.log_path.exists():  # resumed: the rows its checkpoint covers
+            self.history = [row for row in map(json.loads, self.log_path.read_text(encoding="utf-8").splitlines())
+                            if "val/ja_loss" in row and row["trainer/global_step"] < trainer.global_step]
         if trainer.global_step % self.every_n_steps == 0 and trainer.global_step != self._last_step:
             self._record(trainer, self.losses(pl_module))
 

@@ -111,10 +111,6 @@ class MegatronStepMetrics(pl.Callback):
         self.started = None
         self.step_seconds: list[float] = []
 
-    def on_train_start(self, trainer, pl_module):
-        if trainer.global_rank == 0:
-            truncate_log(self.log_path, trainer.global_step)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.started = time.perf_counter()
 
@@ -122,6 +118,10 @@ class MegatronStepMetrics(pl.Callback):
         if self.started is None:
             return
         seconds = max(time.perf_counter() - self.started, 1e-9)
+        if not self.step_seconds and trainer.global_rank == 0:
+            # The first step of this process: a resumed run drops the rows its checkpoint does not cover.
+            # (Decided here, not in on_train_start: NeMo restores a PEFT run's step with its adapters.)
+            truncate_log(self.log_path, trainer.global_step - 1)
         self.step_seconds.append(seconds)
         tflops = self.flops_per_token * self.tokens_per_step / seconds / 1e12
         row = {"trainer/global_step": trainer.global_step, "train/loss": _loss_of(outputs, trainer),
@@ -141,14 +141,11 @@ class MegatronStepMetrics(pl.Callback):
 
 
 def truncate_log(log_path: Path, global_step: int) -> None:
-    """Keep the rows up to `global_step` (a resumed run trains the later steps again); a fresh start keeps none."""
+    """Keep the rows up to `global_step` (a resumed run trains the later steps again)."""
     if not log_path.exists():
         return
-    keep = []
-    if global_step > 0:
-        for line in log_path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and json.loads(line).get("trainer/global_step", 0) <= global_step:
-                keep.append(line + "\n")
+    keep = [line + "\n" for line in log_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("trainer/global_step", 0) <= global_step]
     log_path.write_text("".join(keep), encoding="utf-8")
 
 
