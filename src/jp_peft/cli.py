@@ -118,8 +118,13 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_data_blend(args) -> int:
     from jp_peft.data.blend import blend_report, load_blend_entries
+    from jp_peft.spec import SpecError
 
-    entries = load_blend_entries(args.blend, group_dir=args.group_dir)
+    try:
+        entries = load_blend_entries(args.blend, group_dir=args.group_dir)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(blend_report(entries, args.train_tokens), indent=2))
     return 0
 
