@@ -146,6 +146,10 @@ def main(argv=None) -> int:
         print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
         return 0
     if args.command == "stage":
+        if args.stage == "export" and args.target is None:
+            print("error: stage export: --target cpt|sft is required (the trained stage whose export to check)",
+                  file=sys.stderr)
+            return 2
         from jp_peft.stages import run_stage
 
         spec = json.loads(open(args.spec, encoding="utf-8").read())
