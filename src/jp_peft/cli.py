@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare corpora and inspect blends").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="validate, clean, dedup and tokenise raw data",
                            description="Every input record is kept or rejected with a reason: rejects go verbatim "
-                           "to PREFIX.rejected.jsonl, counts to PREFIX.report.json (read = kept + rejected). "
+                           "to PREFIX.rejected.jsonl (field raw; raw_b64 holds the exact bytes of a record that "
+                           "is not valid UTF-8), counts to PREFIX.report.json (read = kept + rejected). "
                            "text -> PREFIX_text_document.bin/.idx (Megatron indexed dataset, EOS appended); "
                            "alpaca/chatml -> PREFIX/training.jsonl, PREFIX/validation.jsonl (Qwen ChatML "
                            "input/output, loss on assistant tokens).")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data_prepare(args) -> int:
-    from jp_peft.data.prepare import PrepareConfig, StrictModeError, prepare
+    from jp_peft.data.errors import PrepareError, StrictModeError
+    from jp_peft.data.prepare import PrepareConfig, prepare
 
     instructions = args.format != "text"
     try:
@@ -103,6 +105,9 @@ def cmd_data_prepare(args) -> int:
     except StrictModeError as exc:
         print(f"error: --strict: {exc}", file=sys.stderr)
         return 1
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

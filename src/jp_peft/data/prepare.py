@@ -21,12 +21,14 @@ import numpy as np
 
 from jp_peft.data import chat
 from jp_peft.data.dedup import MinHasher, NearDuplicateIndex, content_hash
+# StrictModeError and NothingKeptError are what callers of prepare() catch; they import them from here.
+from jp_peft.data.errors import NothingKeptError, StrictModeError
 from jp_peft.data.normalize import japanese_ratio, normalize_text
 from jp_peft.data.readers import FORMATS, RawRecord, iter_records
 
 REJECT_REASONS = (
-    "invalid_json", "invalid_utf8", "missing_field", "empty_after_cleaning", "too_short", "too_long",
-    "not_japanese_enough", "exact_duplicate", "near_duplicate",
+    "invalid_json", "invalid_utf8", "missing_field", "wrong_type", "control_token", "empty_after_cleaning",
+    "too_short", "too_long", "not_japanese_enough", "exact_duplicate", "near_duplicate",
 )
 
 
@@ -68,10 +70,6 @@ class PrepareConfig:
             raise ValueError(f"--val-fraction: must be in [0, 1), got {self.val_fraction}")
 
 
-class StrictModeError(RuntimeError):
-    """--strict: the first rejected record stops the run; the message names file:line."""
-
-
 @dataclass
 class Processed:
     """What a worker returns for one raw record."""
@@ -79,6 +77,7 @@ class Processed:
     source: str
     line: int
     raw: str
+    raw_b64: str = ""
     reason: str | None = None
     detail: str = ""
     text: str = ""  # cleaned text (documents) or the conversation's contents (instructions)
@@ -95,6 +94,11 @@ class Processed:
 _WORKER: dict[str, Any] = {}
 
 
+def _special_tokens(tok) -> list[str]:
+    decoder = getattr(tok, "added_tokens_decoder", {}) or {}
+    return list(tok.all_special_tokens) + [t.content for t in decoder.values() if getattr(t, "special", False)]
+
+
 def _init_worker(cfg: PrepareConfig, parallel_tokenizer: bool = False) -> None:
     # One worker process per core: the tokenizer's own threads would only oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel_tokenizer else "false"
@@ -104,6 +108,7 @@ def _init_worker(cfg: PrepareConfig, parallel_tokenizer: bool = False) -> None:
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
     tok.model_max_length = 10**9  # documents are cut into sequences later, never here
     _WORKER["tok"] = tok
+    _WORKER["control"] = chat.control_token_pattern(_special_tokens(tok))
     _WORKER["minhash"] = MinHasher(cfg.num_perm) if cfg.near_dedup else None
 
 
@@ -127,21 +132,30 @@ def _process_chunk(chunk: list[RawRecord]) -> list[Processed]:
     return results
 
 
+def _cleaned_messages(record: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]], list[str]]:
+    """The record's messages with cleaned contents, and the input field each came from."""
+    if fmt == "alpaca":
+        messages, fields = chat.alpaca_to_messages(record), ["instruction/input", "output"]
+    else:
+        messages = chat.chatml_messages(record)
+        fields = [f"messages[{i}].content" for i in range(len(messages))]
+    return [{"role": m["role"], "content": normalize_text(m["content"])} for m in messages], fields
+
+
 def _clean_and_filter(raw: RawRecord) -> Processed:
     cfg: PrepareConfig = _WORKER["cfg"]
-    out = Processed(raw.source, raw.line, raw.raw)
+    out = Processed(raw.source, raw.line, raw.raw, raw.raw_b64)
     if raw.error:
         out.reason, _, out.detail = raw.error.partition(": ")
         return out
     try:
         if cfg.format == "text":
             value = raw.record.get("text")
-            if not isinstance(value, str):
-                raise chat.RecordError("missing_field", "'text' missing or not a string")
-            out.text = normalize_text(value)
+            out.text = normalize_text(chat.require_string(value, "text"))
+            chat.refuse_control_tokens({"text": out.text}, _WORKER["control"])
         else:
-            messages = chat.alpaca_to_messages(raw.record) if cfg.format == "alpaca" else chat.chatml_messages(raw.record)
-            messages = [{"role": m["role"], "content": normalize_text(m["content"])} for m in messages]
+            messages, fields = _cleaned_messages(raw.record, cfg.format)
+            chat.refuse_control_tokens({f: m["content"] for f, m in zip(fields, messages)}, _WORKER["control"])
             if any(not m["content"] for m in messages if m["role"] != "system"):
                 raise chat.RecordError("empty_after_cleaning", "a user or assistant message is empty")
             out.text = "\n".join(m["content"] for m in messages)
@@ -215,6 +229,7 @@ class _Outputs:
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self.final: dict[str, str] = {}
         self.tmp: list[str] = []
+        self.made_dir: Path | None = None
         if cfg.format == "text":
             from jp_peft.data import indexed_dataset_module
 
@@ -230,6 +245,7 @@ class _Outputs:
         else:
             # PREFIX/ is a dataset_root as NeMo's FineTuningDataModule reads it.
             root = Path(self.prefix)
+            self.made_dir = None if root.is_dir() else root  # removed again if it ends up empty
             root.mkdir(parents=True, exist_ok=True)
             self.files = {}
             for split, name in (("train", "training.jsonl"), ("validation", "validation.jsonl")):
@@ -262,11 +278,16 @@ class _Outputs:
     def reject(self, item: Processed) -> None:
         record = {"source": item.source, "line": item.line, "reason": item.reason, "detail": item.detail,
                   "raw": item.raw}
+        if item.raw_b64:  # the exact bytes, when they were not valid UTF-8 (raw then shows U+FFFD)
+            record["raw_b64"] = item.raw_b64
         self.rejected.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def commit(self, report: dict[str, Any]) -> dict[str, str]:
+    def commit(self, report: dict[str, Any], with_datasets: bool = True) -> dict[str, str]:
+        """Without datasets (nothing to train on) only the rejects and the report are renamed into place."""
         written = {}
-        if self.cfg.format == "text":
+        if not with_datasets:
+            self._discard_datasets()
+        elif self.cfg.format == "text":
             for split, (builder, base) in self.builders.items():
                 idx_tmp = self._tmp(base + ".idx")
                 builder.finalize(idx_tmp)
@@ -285,13 +306,21 @@ class _Outputs:
             os.replace(tmp, self.final[tmp])
         return written
 
-    def abort(self) -> None:
+    def _discard_datasets(self) -> None:
         if self.cfg.format == "text":
             for builder, _ in self.builders.values():
                 builder.data_file.close()
         else:
             for handle in self.files.values():
                 handle.close()
+        for tmp in [t for t in self.tmp if self.final[t] != self.prefix + ".rejected.jsonl"]:
+            Path(tmp).unlink(missing_ok=True)
+            self.tmp.remove(tmp)
+        if self.made_dir is not None and not any(self.made_dir.iterdir()):
+            self.made_dir.rmdir()
+
+    def abort(self) -> None:
+        self._discard_datasets()
         self.rejected.close()
         for tmp in self.tmp:
             Path(tmp).unlink(missing_ok=True)
@@ -358,8 +387,27 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             report["examples_train"] = outputs.counts["examples_train"]
             report["examples_validation"] = outputs.counts["examples_validation"]
         assert report["read"] == report["kept"] + report["rejected_total"], "report does not reconcile"
+        if report["kept_train"] == 0:
+            report["error"] = _nothing_to_train_on(report, cfg)
+            outputs.commit(report, with_datasets=False)  # the rejects are kept aside all the same
+            raise NothingKeptError(report["error"])
         outputs.commit(report)
         return report
+    except NothingKeptError:
+        raise
     except BaseException:
         outputs.abort()
         raise
+
+
+def _nothing_to_train_on(report: dict[str, Any], cfg: PrepareConfig) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in report["rejected"].items() if v) or "none"
+    if report["read"] == 0:
+        what = "no records in the input"
+    elif report["kept"] == 0:
+        what = f"all {report['read']} records were rejected ({reasons})"
+    else:
+        what = (f"all {report['kept']} kept records fell into the validation split (--val-fraction "
+                f"{cfg.val_fraction}; rejected: {reasons})")
+    return (f"{what}: no dataset written, nothing to train on; rejects in {cfg.output_prefix}.rejected.jsonl, "
+            f"counts in {cfg.output_prefix}.report.json")
