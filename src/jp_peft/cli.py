@@ -31,13 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "is not valid UTF-8), counts to PREFIX.report.json (read = kept + rejected). "
                            "text -> PREFIX_text_document.bin/.idx (Megatron indexed dataset, EOS appended); "
                            "alpaca/chatml -> PREFIX/training.jsonl, PREFIX/validation.jsonl (Qwen ChatML "
-                           "input/output, loss on assistant tokens).")
+                           "input/output, loss on assistant tokens). No output may be an input. Exit status: "
+                           "0 done; 1 --strict stopped at a reject, nothing was kept, or a worker died; 2 a bad "
+                           "argument, tokenizer or unreadable input (nothing written); 143 SIGTERM (temporary "
+                           "files removed). See data/README.md.")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
                       help="JSONL, plain text (blank-line separated documents), or gzip of either")
     prep.add_argument("--format", choices=("text", "alpaca", "chatml"), default="text")
     prep.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory or hub id")
     prep.add_argument("--output-prefix", required=True)
-    prep.add_argument("--workers", type=int, default=1, help="parallel tokenising/cleaning processes (default 1)")
+    prep.add_argument("--workers", type=int, default=1, help="parallel tokenising/cleaning processes (default 1; "
+                      "capped at the usable cores and, for a short input, at its chunks of 64 records)")
     prep.add_argument("--strict", action="store_true", help="stop at the first rejected record (exit 1, naming file:line)")
     prep.add_argument("--min-chars", type=int, default=None, help="shorter documents are rejected (default 20; 2 for instructions)")
     prep.add_argument("--max-chars", type=int, default=200_000)
@@ -45,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="minimum hiragana/katakana/kanji share (default 0.3 for text, 0 for instructions; 0 disables)")
     prep.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
     prep.add_argument("--no-near-dedup", action="store_true", help="exact dedup only (MinHash index memory grows with kept docs)")
-    prep.add_argument("--near-dedup-threshold", type=float, default=0.8, help="estimated Jaccard over char 5-grams (default 0.8)")
+    prep.add_argument("--near-dedup-threshold", type=float, default=0.8,
+                      help="estimated Jaccard over char 5-grams, in (0, 1] (default 0.8)")
     prep.add_argument("--val-fraction", type=float, default=0.0,
                       help="share of documents (by content hash, deterministic) written to the validation split")
     prep.add_argument("--no-progress", action="store_true")
@@ -83,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data_prepare(args) -> int:
-    from jp_peft.data.errors import PrepareError, StrictModeError
+    from jp_peft.data.errors import ConfigError, PrepareError, StrictModeError
     from jp_peft.data.prepare import PrepareConfig, prepare
 
     instructions = args.format != "text"
@@ -97,7 +102,7 @@ def cmd_data_prepare(args) -> int:
             dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
             near_dedup_threshold=args.near_dedup_threshold, val_fraction=args.val_fraction,
             progress=not args.no_progress)
-    except ValueError as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

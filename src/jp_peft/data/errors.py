@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class PrepareError(Exception):
     """The run stopped for a reason the user can act on; the message is one line.
@@ -9,6 +11,12 @@ class PrepareError(Exception):
     data or a worker failed the run."""
 
     exit_code = 1
+
+
+class ConfigError(PrepareError, ValueError):
+    """An argument is invalid; the message names the flag."""
+
+    exit_code = 2
 
 
 class InputFileError(PrepareError, ValueError):
@@ -23,3 +31,13 @@ class StrictModeError(PrepareError, RuntimeError):
 
 class NothingKeptError(PrepareError):
     """Every record was rejected (or none was read): there is nothing to train on."""
+
+
+class WorkerError(PrepareError):
+    """A worker process died; the run stops rather than waiting for it."""
+
+
+class Terminated(PrepareError):
+    """SIGTERM arrived (scancel, a stage's time limit): stopped, temporary files removed."""
+
+    exit_code = 128 + signal.SIGTERM
