@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="estimated Jaccard over char 5-grams, in (0, 1] (default 0.8)")
     prep.add_argument("--val-fraction", type=float, default=0.0,
                       help="share of documents (by content hash, deterministic) written to the validation split")
-    prep.add_argument("--no-progress", action="store_true")
+    prep.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    prep.add_argument("--progress-interval", type=float, metavar="SECONDS",
+                      help="seconds between progress lines: records read/kept/rejected, MB/s, ETA (default: 1, "
+                      "redrawn, on a terminal; 30, one line each, when stderr is a log file)")
 
     blend = data.add_parser("blend", help="effective token ratio and epochs of a CPT blend")
     blend.add_argument("blend", help="blend YAML (datasets: name, weight, prefix)")
@@ -101,7 +104,7 @@ def cmd_data_prepare(args) -> int:
             min_ja_ratio=args.min_ja_ratio if args.min_ja_ratio is not None else (0.0 if instructions else 0.3),
             dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
             near_dedup_threshold=args.near_dedup_threshold, val_fraction=args.val_fraction,
-            progress=not args.no_progress)
+            progress=not args.no_progress, progress_interval=args.progress_interval)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

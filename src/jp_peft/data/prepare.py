@@ -30,6 +30,7 @@ from jp_peft.data.errors import ConfigError, NothingKeptError, StrictModeError, 
 from jp_peft.data.normalize import japanese_ratio, normalize_text
 from jp_peft.data.outputs import PreparedOutputs, overwritten_input, planned_outputs
 from jp_peft.data.pool import map_in_workers, usable_cores, useful_workers
+from jp_peft.data.progress import Progress
 from jp_peft.data.readers import FORMATS, RawRecord, iter_records
 
 REJECT_REASONS = (
@@ -58,6 +59,7 @@ class PrepareConfig:
     val_fraction: float = 0.0
     append_eos: bool = True
     progress: bool = True
+    progress_interval: float | None = None  # seconds between progress lines; None: 1 on a terminal, 30 in a log
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
@@ -72,6 +74,8 @@ class PrepareConfig:
              f"must be in (0, 1], got {self.near_dedup_threshold}"),
             (self.num_perm >= 1, "num_perm", f"must be >= 1, got {self.num_perm}"),
             (0.0 <= self.val_fraction < 1.0, "--val-fraction", f"must be in [0, 1), got {self.val_fraction}"),
+            (self.progress_interval is None or self.progress_interval > 0, "--progress-interval",
+             f"must be positive, got {self.progress_interval}"),
         ]
         for ok, flag, message in checks:
             if not ok:
@@ -96,6 +100,7 @@ class Processed:
     line: int
     raw: str
     raw_b64: str = ""
+    input_pos: int = 0
     reason: str | None = None
     detail: str = ""
     text: str = ""  # cleaned text (documents) or the conversation's contents (instructions)
@@ -189,7 +194,7 @@ def _cleaned_messages(record: dict[str, Any], fmt: str) -> tuple[list[dict[str, 
 
 def _clean_and_filter(raw: RawRecord) -> Processed:
     cfg: PrepareConfig = _WORKER["cfg"]
-    out = Processed(raw.source, raw.line, raw.raw, raw.raw_b64)
+    out = Processed(raw.source, raw.line, raw.raw, raw.raw_b64, raw.input_pos)
     if raw.error:
         out.reason, _, out.detail = raw.error.partition(": ")
         return out
@@ -241,8 +246,13 @@ def _chunks(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]
 
 
 def _all_records(cfg: PrepareConfig) -> Iterator[RawRecord]:
+    """Every input's records, `input_pos` counting the bytes of all inputs read so far."""
+    done = 0
     for path in cfg.inputs:
-        yield from iter_records(path)
+        for record in iter_records(path):
+            record.input_pos += done
+            yield record
+        done += Path(path).stat().st_size
 
 
 def _process_in_order(cfg: PrepareConfig, tok, chunks: Iterator[list[RawRecord]], workers: int) -> Iterator[Processed]:
@@ -294,13 +304,11 @@ class _Tally:
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the pipeline; returns the report (also written to PREFIX.report.json)."""
-    from tqdm import tqdm
-
     tok = load_tokenizer(cfg)
     started = time.perf_counter()
     bytes_read = sum(Path(p).stat().st_size for p in cfg.inputs)
-    progress = tqdm(total=bytes_read, unit="B", unit_scale=True, desc=f"prepare {Path(cfg.output_prefix).name}",
-                    disable=not cfg.progress, mininterval=1.0)
+    progress = Progress(f"prepare {Path(cfg.output_prefix).name}", bytes_read, cfg.progress_interval,
+                        enabled=cfg.progress)
     with _sigterm_raises():
         outputs = PreparedOutputs(cfg.output_prefix, cfg.format, cfg.val_fraction)
         try:
@@ -321,7 +329,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             progress.close()
 
 
-def _keep_or_reject_all(cfg: PrepareConfig, tok, outputs: PreparedOutputs, progress) -> tuple[_Tally, int]:
+def _keep_or_reject_all(cfg: PrepareConfig, tok, outputs: PreparedOutputs, progress: Progress) -> tuple[_Tally, int]:
     """Every record through the workers, then dedup in input order; returns the tally and the worker count."""
     tally = _Tally()
     seen_hashes: set[str] = set()
@@ -357,7 +365,7 @@ def _keep_or_reject_all(cfg: PrepareConfig, tok, outputs: PreparedOutputs, progr
                 tally.kept += 1
                 tally.chars += item.chars
                 tally.tokens += item.n_tokens
-            progress.update(len(item.raw.encode("utf-8")) + 1)
+            progress.update(tally.read, tally.kept, tally.read - tally.kept, item.input_pos)
     return tally, workers
 
 
