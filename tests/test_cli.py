@@ -59,6 +59,13 @@ def test_data_prepare_rejects_bad_arguments_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_stage_export_without_target_exits_2_naming_it(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    proc, _ = _timed([sys.executable, "-m", "jp_peft.cli", "stage", "export", "--spec", str(spec)])
+    assert proc.returncode == 2 and "--target" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_dryrun_prints_every_task_of_a_sweep_and_runs_nothing(tmp_path):
     proc, _ = _timed([sys.executable, "experiments/qwen_lora_ja.py", "--smoke", "--dryrun", "--output-dir",
                       str(tmp_path), "--stages", "data,cpt,sft", "--sweep", "lora.rank=8,16"])

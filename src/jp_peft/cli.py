@@ -27,16 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare corpora and inspect blends").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="validate, clean, dedup and tokenise raw data",
                            description="Every input record is kept or rejected with a reason: rejects go verbatim "
-                           "to PREFIX.rejected.jsonl, counts to PREFIX.report.json (read = kept + rejected). "
+                           "to PREFIX.rejected.jsonl (field raw; raw_b64 holds the exact bytes of a record that "
+                           "is not valid UTF-8), counts to PREFIX.report.json (read = kept + rejected). "
                            "text -> PREFIX_text_document.bin/.idx (Megatron indexed dataset, EOS appended); "
                            "alpaca/chatml -> PREFIX/training.jsonl, PREFIX/validation.jsonl (Qwen ChatML "
-                           "input/output, loss on assistant tokens).")
+                           "input/output, loss on assistant tokens). No output may be an input. Exit status: "
+                           "0 done; 1 --strict stopped at a reject, nothing was kept, or a worker died; 2 a bad "
+                           "argument, tokenizer or unreadable input (nothing written); 143 SIGTERM (temporary "
+                           "files removed). See data/README.md.")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
                       help="JSONL, plain text (blank-line separated documents), or gzip of either")
     prep.add_argument("--format", choices=("text", "alpaca", "chatml"), default="text")
     prep.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory or hub id")
     prep.add_argument("--output-prefix", required=True)
-    prep.add_argument("--workers", type=int, default=1, help="parallel tokenising/cleaning processes (default 1)")
+    prep.add_argument("--workers", type=int, default=1, help="parallel tokenising/cleaning processes (default 1; "
+                      "capped at the usable cores and, for a short input, at its chunks of 64 records)")
     prep.add_argument("--strict", action="store_true", help="stop at the first rejected record (exit 1, naming file:line)")
     prep.add_argument("--min-chars", type=int, default=None, help="shorter documents are rejected (default 20; 2 for instructions)")
     prep.add_argument("--max-chars", type=int, default=200_000)
@@ -44,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="minimum hiragana/katakana/kanji share (default 0.3 for text, 0 for instructions; 0 disables)")
     prep.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
     prep.add_argument("--no-near-dedup", action="store_true", help="exact dedup only (MinHash index memory grows with kept docs)")
-    prep.add_argument("--near-dedup-threshold", type=float, default=0.8, help="estimated Jaccard over char 5-grams (default 0.8)")
+    prep.add_argument("--near-dedup-threshold", type=float, default=0.8,
+                      help="estimated Jaccard over char 5-grams, in (0, 1] (default 0.8)")
     prep.add_argument("--val-fraction", type=float, default=0.0,
                       help="share of documents (by content hash, deterministic) written to the validation split")
-    prep.add_argument("--no-progress", action="store_true")
+    prep.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    prep.add_argument("--progress-interval", type=float, metavar="SECONDS",
+                      help="seconds between progress lines: records read/kept/rejected, MB/s, ETA (default: 1, "
+                      "redrawn, on a terminal; 30, one line each, when stderr is a log file)")
 
     blend = data.add_parser("blend", help="effective token ratio and epochs of a CPT blend")
     blend.add_argument("blend", help="blend YAML (datasets: name, weight, prefix)")
@@ -98,7 +107,8 @@ def cmd_stage(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from jp_peft.data.prepare import PrepareConfig, StrictModeError, prepare
+    from jp_peft.data.errors import ConfigError, PrepareError, StrictModeError
+    from jp_peft.data.prepare import PrepareConfig, prepare
 
     instructions = args.format != "text"
     try:
@@ -110,8 +120,8 @@ def cmd_data_prepare(args) -> int:
             min_ja_ratio=args.min_ja_ratio if args.min_ja_ratio is not None else (0.0 if instructions else 0.3),
             dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
             near_dedup_threshold=args.near_dedup_threshold, val_fraction=args.val_fraction,
-            progress=not args.no_progress)
-    except ValueError as exc:
+            progress=not args.no_progress, progress_interval=args.progress_interval)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -119,6 +129,9 @@ def cmd_data_prepare(args) -> int:
     except StrictModeError as exc:
         print(f"error: --strict: {exc}", file=sys.stderr)
         return 1
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -134,8 +147,13 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_data_blend(args) -> int:
     from jp_peft.data.blend import blend_report, load_blend_entries
+    from jp_peft.spec import SpecError
 
-    entries = load_blend_entries(args.blend, group_dir=args.group_dir)
+    try:
+        entries = load_blend_entries(args.blend, group_dir=args.group_dir)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(blend_report(entries, args.train_tokens), indent=2))
     return 0
 
@@ -157,6 +175,10 @@ def main(argv=None) -> int:
         print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
         return 0
     if args.command == "stage":
+        if args.stage == "export" and args.target is None:
+            print("error: stage export: --target cpt|sft is required (the trained stage whose export to check)",
+                  file=sys.stderr)
+            return 2
         return cmd_stage(args)
     if args.command == "wandb":
         from jp_peft.callbacks.wandb_run import sync_offline_runs

@@ -423,7 +423,14 @@ def load_blend(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"data.blend: blend file {path} does not exist")
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: expected a mapping with a 'datasets:' list, got {type(doc).__name__}")
     datasets = doc.get("datasets")
     if not isinstance(datasets, list) or not datasets:
         raise SpecError(f"{path}: expected a non-empty 'datasets:' list")

@@ -61,7 +61,7 @@ def run_data(exp: ExperimentSpec) -> dict:
             return
         cfg = PrepareConfig(inputs=tuple(sources), output_prefix=prefix.removesuffix("_text_document"),
                             tokenizer=tokenizer, format="text", min_ja_ratio=0.3 if lang == "ja" else 0.0,
-                            workers=min(2, os.cpu_count() or 1), progress=False)
+                            workers=min(2, os.cpu_count() or 1))
         reports[prefix] = _summary(prepare(cfg))
 
     for stage in TRAINED_STAGES:
@@ -76,7 +76,7 @@ def run_data(exp: ExperimentSpec) -> dict:
             root = str(Path(data.sft_train).parent)  # dataset_root/training.jsonl
             cfg = PrepareConfig(inputs=tuple(data.sft_source), output_prefix=root, tokenizer=tokenizer,
                                 format=data.sft_format, min_chars=2, min_ja_ratio=0.0, val_fraction=0.05,
-                                workers=1, progress=False)
+                                workers=1)
             reports[root] = _summary(prepare(cfg))
     for name, report in reports.items():
         _log(f"data: {Path(name).name}: read {report['read']}, kept {report['kept']}, "

@@ -11,17 +11,24 @@ from pathlib import Path
 
 import numpy as np
 
-from jp_peft.spec import BlendEntry, load_blend
+from jp_peft.spec import BlendEntry, SpecError, build, load_blend
 
 
 def load_blend_entries(path: str, group_dir: str = "runs/qwen_lora_ja") -> list[BlendEntry]:
+    """The blend's entries with {group_dir} and {repo} filled in; SpecError names file, entry and key."""
     repo = str(Path(__file__).resolve().parents[3])
     entries = []
-    for row in load_blend(path):
+    for i, row in enumerate(load_blend(path)):
+        where = f"{path}: datasets[{i}]"
+        if not isinstance(row, dict):
+            raise SpecError(f"{where}: expected a mapping (name, weight, prefix), got {type(row).__name__}")
         row = dict(row)
-        row["prefix"] = row["prefix"].replace("{group_dir}", group_dir).replace("{repo}", repo)
-        row["source"] = [s.replace("{repo}", repo) for s in row.get("source", [])]
-        entries.append(BlendEntry(**row))
+        if isinstance(row.get("prefix"), str):
+            row["prefix"] = row["prefix"].replace("{group_dir}", group_dir).replace("{repo}", repo)
+        if isinstance(row.get("source"), list):
+            row["source"] = [str(s).replace("{repo}", repo) for s in row["source"]]
+        # build() names an unknown key and suggests the known one ("wieght" -> "weight").
+        entries.append(build(BlendEntry, row, where))
     return entries
 
 
@@ -39,7 +46,10 @@ def dataset_tokens(prefix: str) -> int | None:
         return None
     from jp_peft.data import indexed_dataset_module
 
-    return int(np.sum(indexed_dataset_module().IndexedDataset(prefix).sequence_lengths, dtype=np.int64))
+    # sequence_lengths is a view into the dataset's memory-mapped index, which IndexedDataset.__del__
+    # unmaps: the dataset must outlive the sum (summing a temporary's view read freed memory: SIGSEGV).
+    dataset = indexed_dataset_module().IndexedDataset(prefix)
+    return int(np.sum(dataset.sequence_lengths, dtype=np.int64))
 
 
 def blend_report(entries: list[BlendEntry], train_tokens: int | None) -> dict:

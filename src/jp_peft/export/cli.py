@@ -7,8 +7,15 @@ import sys
 
 
 def run_export_command(args) -> int:
+    from jp_peft.export.nemo_archive import ArchiveError, check_checkpoint_dir
+
+    try:
+        check_checkpoint_dir(args.checkpoint)  # before importing NeMo: a wrong path is answered at once
+    except ArchiveError as exc:
+        print(f"error: --checkpoint: {exc}", file=sys.stderr)
+        return 2
     if args.export_command == "nemo":
-        from jp_peft.export.nemo_archive import ArchiveError, write_nemo_archive
+        from jp_peft.export.nemo_archive import write_nemo_archive
 
         try:
             report = write_nemo_archive(args.checkpoint, args.output)
