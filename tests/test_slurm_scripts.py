@@ -5,8 +5,11 @@ beside them. Regenerate on purpose only: JP_PEFT_REGEN_GOLDEN=1 pytest tests/tes
 """
 
 import dataclasses
+import hashlib
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,17 +53,22 @@ def normalise(script: str, root: Path) -> str:
     return re.sub(r"(\w+)_\d{15,}", r"\1_<ID>", script)
 
 
-def render_case(name: str, root: Path):
+def render_case(name: str, root: Path, **profile_changes):
     preset, profile_name, overrides, sweep = CASES[name]
+    return render(preset, load_profile(profile_name), overrides, sweep, root, **profile_changes)
+
+
+def render(preset: str, profile, overrides: list[str], sweep: list[str], root: Path, **profile_changes):
+    """Plan `preset` with `overrides` under `root` (with empty prepared data files) and render its scripts."""
     for prefix in ("ja_web", "ja_val", "en_val"):
         for ext in (".bin", ".idx"):
             (root / "data").mkdir(parents=True, exist_ok=True)
             (root / "data" / f"{prefix}_text_document{ext}").touch()
     (root / "data" / "ja_sft").mkdir(parents=True, exist_ok=True)
     (root / "data" / "ja_sft" / "training.jsonl").touch()
-    profile = load_profile(profile_name)
     if profile.tunnel.get("type") == "ssh":  # render here: the script is the same, no connection needed
-        profile = dataclasses.replace(profile, tunnel={"type": "local"})
+        profile_changes.setdefault("tunnel", {"type": "local"})
+    profile = dataclasses.replace(profile, **profile_changes)
     overrides = [o.replace("{ROOT}", str(root)) for o in overrides] + [f"output_dir={root / 'runs'}"]
     tasks = plan(load_preset(REPO / "recipes/configs" / preset), overrides, sweep)
     return tasks, render_sbatch_scripts(tasks, profile)
@@ -87,7 +95,7 @@ def test_scripts_carry_the_cluster_layout_and_no_secret(tmp_path, monkeypatch):
     assert "#SBATCH --nodes=2" in cpt and "#SBATCH --gpus-per-node=8" in cpt
     assert "--container-image nvcr.io/nvidia/nemo:25.09" in cpt and "torchrun" in cpt
     assert "#SBATCH --requeue" in cpt and "#SBATCH --signal=USR1@300" in cpt
-    assert 'cat "$HOME"/.config/jp-peft/wandb_key' in cpt  # read by the job at run time
+    assert 'read -r WANDB_API_KEY < "$HOME"/.config/jp-peft/wandb_key' in cpt  # read by the job at run time
     for script in scripts.values():
         assert "fakekey-should-never-appear" not in script
     deps = {t.name: t.depends_on for t in tasks}
@@ -120,3 +128,60 @@ def test_profile_errors_name_the_field(tmp_path):
         load_profile(str(bad))
     bad.write_text("account: a\npartition: gpu\nenv:\n  NCCL_IB_HCA: '\"mlx5_0 mlx5_1\"'\n  DATA: $HOME/d\n")
     assert load_profile(str(bad)).env == {"NCCL_IB_HCA": '"mlx5_0 mlx5_1"', "DATA": "$HOME/d"}
+
+
+# --- what a rendered script does when bash runs it ------------------------------------------------
+
+FAKE_KEY = "wandbkey-5f3c9a0e17d2b4c6-never-in-a-log"
+
+
+def stub_slurm_commands(bin_dir: Path) -> None:
+    """`scontrol` and `srun` for running a rendered script outside Slurm (the preamble asks for the nodes)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, body in (("scontrol", "echo node0"), ("srun", "echo 127.0.0.1")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+
+def run_as_job(script: str, tmp_path: Path, env: dict[str, str], stage_command: str):
+    """Run a rendered sbatch script with bash as Slurm would (its own `set -evx`, stdout and stderr into one
+    log), with the stage's srun line replaced by `stage_command`."""
+    lines = script.splitlines()
+    stage = [i for i, line in enumerate(lines) if line.startswith("srun --output")]
+    assert len(stage) == 1, script
+    lines[stage[0]] = stage_command
+    job = tmp_path / "job"
+    job.mkdir(exist_ok=True)
+    (job / "script.sh").write_text("\n".join(lines) + "\n")
+    stub_slurm_commands(tmp_path / "stubs")
+    path = f"{tmp_path / 'stubs'}:{Path(sys.executable).parent}:/usr/bin:/bin"
+    return subprocess.run(["bash", str(job / "script.sh")], cwd=job, capture_output=True, text=True, timeout=120,
+                          env={"PATH": path, "SLURM_JOB_NODELIST": "node0", "SLURM_JOB_ID": "1", **env})
+
+
+KEY_HASH_COMMAND = (f"{sys.executable} -c 'import hashlib, os; "
+                    "print(\"stage sees key sha256\", hashlib.sha256(os.environ[\"WANDB_API_KEY\"].encode()).hexdigest())'")
+
+
+@pytest.mark.parametrize("key_path", ["~/.config/jp-peft/wandb_key", "{tmp}/secrets/wandb_key"])
+def test_wandb_key_reaches_the_stage_but_never_the_job_log_script_or_configs(key_path, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # the key comes from the file only
+    home = tmp_path / "home"
+    key_file = Path(key_path.replace("~", str(home)).replace("{tmp}", str(tmp_path)))
+    key_file.parent.mkdir(parents=True)
+    key_file.write_text(FAKE_KEY + ("\n" if key_path.startswith("~") else ""))  # with and without a final newline
+    key_file.chmod(0o600)
+    _, scripts = render_case("local_hf_sweep", tmp_path, wandb_key_file=key_path.replace("{tmp}", str(tmp_path)),
+                             setup=())
+    script = scripts["smoke-rank8-cpt"]
+    assert script.count("set -evx") == 1  # NeMo-Run's template traces every line it runs
+
+    proc = run_as_job(script, tmp_path, {"HOME": str(home)}, KEY_HASH_COMMAND)
+
+    log = proc.stdout + proc.stderr  # what Slurm writes to --output
+    assert proc.returncode == 0, log
+    assert f"stage sees key sha256 {hashlib.sha256(FAKE_KEY.encode()).hexdigest()}" in proc.stdout
+    assert "+ export TOKENIZERS_PARALLELISM=false" in proc.stderr  # xtrace was on around the key
+    assert FAKE_KEY not in log, "the W&B key is in the job log"
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and p != key_file and FAKE_KEY.encode() in p.read_bytes()]
+    assert leaks == [], f"the W&B key was written to {leaks}"

@@ -121,13 +121,18 @@ def secret_setup_lines(profile: SlurmProfile) -> list[str]:
 
     Slurm exports the submitting environment to the job by default, so a key exported at
     submission time arrives by itself; a key file is read at run time by the job.
+
+    NeMo-Run's script runs under `set -evx`, and xtrace prints every expanded word, so an
+    assignment from `$(cat FILE)` would print the key into the job log. `read` takes the key
+    from stdin instead: the trace shows `+ read -r WANDB_API_KEY` and `+ export WANDB_API_KEY`,
+    never the value. No later line of the script may expand `$WANDB_API_KEY`.
     """
     if not profile.wandb_key_file:
         return []
     path = profile.wandb_key_file
     # "~/x" must expand in the job, on the compute node: written as "$HOME/x" inside double quotes.
     path = '"$HOME"/' + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
-    return [f'if [ -r {path} ]; then export WANDB_API_KEY="$(cat {path})"; fi']
+    return [f"if [ -r {path} ]; then read -r WANDB_API_KEY < {path} || true; export WANDB_API_KEY; fi"]
 
 
 def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: int | None = None,
