@@ -32,6 +32,7 @@ CASES = {
     "pyxis_2nodes": ("qwen25_500m_ja.yaml", "h100_pyxis",
                      ["stages=[cpt,export,sft]", "cluster.num_nodes=2", "cluster.gpus_per_node=8",
                       "train.global_batch_size=64", *PREPARED], []),
+    "pyxis_headline": ("qwen25_500m_ja.yaml", "h100_pyxis", [], []),  # the README's --dryrun command
     "baremetal_1node": ("qwen25_500m_ja.yaml", "baremetal_venv",
                         ["stages=[cpt,sft]", "cluster.gpus_per_node=8", "train.global_batch_size=32", *PREPARED], []),
 }
@@ -123,6 +124,9 @@ def test_profile_errors_name_the_field(tmp_path):
     bad.write_text("account: a\npartition: gpu\ngpu_per_node: 8\n")
     with pytest.raises(ProfileError, match="unknown field 'gpu_per_node'"):
         load_profile(str(bad))
+    bad.write_text("account: a\npartition: gpu\nntasks_per_node: 8\n")
+    with pytest.raises(ProfileError, match="ntasks_per_node is no longer a profile field"):
+        load_profile(str(bad))
     bad.write_text("account: a\npartition: gpu\nenv:\n  NCCL_IB_HCA: mlx5_0 mlx5_1\n")
     with pytest.raises(ProfileError, match="env.NCCL_IB_HCA: 'mlx5_0 mlx5_1' is not a single shell word"):
         load_profile(str(bad))
@@ -185,3 +189,38 @@ def test_wandb_key_reaches_the_stage_but_never_the_job_log_script_or_configs(key
     assert FAKE_KEY not in log, "the W&B key is in the job log"
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and p != key_file and FAKE_KEY.encode() in p.read_bytes()]
     assert leaks == [], f"the W&B key was written to {leaks}"
+
+
+# --- resources: light stages are one task, training is one torchrun per node with a process per GPU ---
+
+def sbatch_value(script: str, option: str) -> str | None:
+    found = re.search(rf"^#SBATCH --{option}=(\S+)$", script, flags=re.M)
+    return found.group(1) if found else None
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the README's headline command: --executor slurm --slurm-profile h100_pyxis --dryrun
+    ["stages=[cpt,export,sft]", "cluster.num_nodes=2", "cluster.gpus_per_node=4", "train.global_batch_size=32",
+     *PREPARED],
+], ids=["headline", "2x4gpus"])
+def test_light_stages_run_one_task_and_torchrun_starts_one_process_per_allocated_gpu(overrides, tmp_path):
+    tasks, scripts = render("qwen25_500m_ja.yaml", load_profile("h100_pyxis"), overrides, [], tmp_path)
+    for task in tasks:
+        script, cluster = scripts[task.name], task.spec.cluster
+        stage_srun = next(line for line in script.splitlines() if line.startswith("srun --output"))
+        assert sbatch_value(script, "ntasks-per-node") == "1", task.name
+        if task.stage in ("cpt", "sft"):
+            assert sbatch_value(script, "nodes") == str(cluster.num_nodes)
+            assert sbatch_value(script, "gpus-per-node") == str(cluster.gpus_per_node)
+            assert f"--nnodes {cluster.num_nodes} --nproc-per-node {cluster.gpus_per_node} " in stage_srun, task.name
+        else:
+            assert sbatch_value(script, "nodes") == "1" and sbatch_value(script, "gpus-per-node") == "1", task.name
+            assert "torchrun" not in stage_srun and " python -m " in stage_srun, task.name
+
+
+def test_training_on_more_gpus_than_a_node_has_is_refused_before_submission(tmp_path):
+    with pytest.raises(ProfileError, match=r"cluster.gpus_per_node=16 .*h100_pyxis.yaml .*gpus_per_node: 8"):
+        render("qwen25_500m_ja.yaml", load_profile("h100_pyxis"),
+               ["cluster.gpus_per_node=16", "train.global_batch_size=64"], [], tmp_path)
+    with pytest.raises(ProfileError, match=r"local.yaml .* no GPUs"):
+        render("qwen25_500m_ja.yaml", load_profile("local"), [], [], tmp_path)

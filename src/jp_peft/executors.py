@@ -47,8 +47,7 @@ class SlurmProfile:
     partition: str
     time: str = "04:00:00"
     nodes: int = 1
-    gpus_per_node: int = 8
-    ntasks_per_node: int | None = None  # defaults to gpus_per_node (one rank per GPU), 1 on CPU partitions
+    gpus_per_node: int = 8  # what a node has; training stages ask for the spec's cluster.gpus_per_node of them
     cpus_per_task: int | None = None
     qos: str | None = None
     exclusive: bool = False
@@ -64,11 +63,6 @@ class SlurmProfile:
 
     REQUIRED = ("account", "partition")
 
-    def tasks_per_node(self) -> int:
-        if self.ntasks_per_node is not None:
-            return self.ntasks_per_node
-        return self.gpus_per_node or 1
-
 
 def load_profile(name_or_path: str) -> SlurmProfile:
     import yaml
@@ -81,6 +75,10 @@ def load_profile(name_or_path: str) -> SlurmProfile:
         raise ProfileError(f"slurm profile {name_or_path!r} not found (known: {', '.join(known)})")
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     fields = set(SlurmProfile.__dataclass_fields__) - {"path"}
+    if "ntasks_per_node" in values:
+        raise ProfileError(f"{path}: ntasks_per_node is no longer a profile field: each stage gets the tasks it needs "
+                           "(one for import/data/export/eval, one torchrun per node with a process per GPU for "
+                           "training); remove it")
     for key in values:
         if key not in fields:
             raise ProfileError(f"{path}: unknown field {key!r}; known: {', '.join(sorted(fields))}")
@@ -116,6 +114,16 @@ def load_profile(name_or_path: str) -> SlurmProfile:
     return SlurmProfile(path=str(path), **values)
 
 
+def check_training_fits(profile: SlurmProfile, gpus: int) -> None:
+    """A torchrun stage on this profile's nodes: refuse, before submission, what Slurm could never schedule."""
+    if gpus < 1 or profile.gpus_per_node < 1:
+        raise ProfileError(f"{profile.path} describes nodes with no GPUs (gpus_per_node: {profile.gpus_per_node}): "
+                           "the megatron backend trains with torchrun on GPUs; use a GPU profile or --backend hf")
+    if gpus > profile.gpus_per_node:
+        raise ProfileError(f"cluster.gpus_per_node={gpus} asks for more GPUs than a node of {profile.path} has "
+                           f"(gpus_per_node: {profile.gpus_per_node})")
+
+
 def secret_setup_lines(profile: SlurmProfile) -> list[str]:
     """Bring WANDB_API_KEY into the job without writing it into the script.
 
@@ -139,11 +147,22 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
                    gpus_per_node: int | None = None, env: dict[str, str] | None = None):
     """A NeMo-Run SlurmExecutor for one stage. `job_dir` must be the experiment's base_dir
     (NeMo-Run writes the sbatch script under base_dir and submits it from the tunnel's job_dir:
-    when they differ, sbatch cannot open the script — NeMo-Run issue 299)."""
+    when they differ, sbatch cannot open the script — NeMo-Run issue 299).
+
+    torchrun (Megatron training): `nodes` x `gpus_per_node` GPUs, one Slurm task per node, in which
+    torchrun starts one process per allocated GPU. Otherwise (import, data, export, eval, hf
+    training) one task on one node with at most one GPU: every extra task would run the whole
+    stage again over the same files.
+    """
     import nemo_run as run
 
-    nodes = nodes or profile.nodes
-    gpus = profile.gpus_per_node if gpus_per_node is None else gpus_per_node
+    if torchrun:
+        nodes = nodes or profile.nodes
+        gpus = profile.gpus_per_node if gpus_per_node is None else gpus_per_node
+        check_training_fits(profile, gpus)
+    else:
+        nodes = 1
+        gpus = min(profile.gpus_per_node if gpus_per_node is None else gpus_per_node, 1)
     tunnel_cfg = profile.tunnel
     if tunnel_cfg.get("type", "local") == "ssh":
         identity = tunnel_cfg.get("identity")
@@ -161,7 +180,9 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
         partition=profile.partition,
         time=profile.time,
         nodes=nodes,
-        ntasks_per_node=profile.tasks_per_node() if gpus else 1,
+        ntasks_per_node=1,
+        # NeMo-Run's default is ntasks_per_node: the count of torchrun's processes must follow the GPUs instead.
+        torchrun_nproc_per_node=gpus if torchrun else None,
         gpus_per_node=gpus or None,
         cpus_per_task=profile.cpus_per_task,
         qos=profile.qos,
