@@ -61,6 +61,10 @@ def test_stages_complete_in_dependency_order(slurm_smoke):
         assert (d / "hf_adapter" / "adapter_model.safetensors").exists() and (d / "hf_merged" / "config.json").exists()
         assert json.loads((d / "export_check.json").read_text())["ok"]
     assert "JA before" in proc.stdout
+    batch_logs = sorted(out.rglob("sbatch_jp-peft.smoke-*.out"))
+    assert len(batch_logs) == len(order)
+    for log in batch_logs:  # every job printed the stack it ran, and it was the pinned one
+        assert re.search(r"^jp-peft stack: nemo_toolkit 2\.7\.3, megatron-core 0\.15\.\d+, ", log.read_text(), re.M), log
 
 
 def test_failing_stage_leaves_dependents_unrun_and_points_to_its_log(cluster, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from jp_peft import executors
 from jp_peft.executors import ProfileError, load_profile
 from jp_peft.experiment import plan
 from jp_peft.launch import render_sbatch_scripts
@@ -94,7 +95,7 @@ def test_scripts_carry_the_cluster_layout_and_no_secret(tmp_path, monkeypatch):
     tasks, scripts = render_case("pyxis_2nodes", tmp_path)
     cpt = scripts["qwen_lora_ja-cpt"]
     assert "#SBATCH --nodes=2" in cpt and "#SBATCH --gpus-per-node=8" in cpt
-    assert "--container-image nvcr.io/nvidia/nemo:25.09" in cpt and "torchrun" in cpt
+    assert "--container-image nvcr.io/nvidia/nemo:26.02" in cpt and "torchrun" in cpt
     assert "#SBATCH --requeue" in cpt and "#SBATCH --signal=USR1@300" in cpt
     assert 'read -r WANDB_API_KEY < "$HOME"/.config/jp-peft/wandb_key' in cpt  # read by the job at run time
     for script in scripts.values():
@@ -123,6 +124,9 @@ def test_profile_errors_name_the_field(tmp_path):
         load_profile(str(bad))
     bad.write_text("account: a\npartition: gpu\ngpu_per_node: 8\n")
     with pytest.raises(ProfileError, match="unknown field 'gpu_per_node'"):
+        load_profile(str(bad))
+    bad.write_text("account: a\npartition: gpu\ncontainer_setup: [pip install x]\n")
+    with pytest.raises(ProfileError, match="container_setup needs a container_image"):
         load_profile(str(bad))
     bad.write_text("account: a\npartition: gpu\nntasks_per_node: 8\n")
     with pytest.raises(ProfileError, match="ntasks_per_node is no longer a profile field"):
@@ -224,3 +228,70 @@ def test_training_on_more_gpus_than_a_node_has_is_refused_before_submission(tmp_
                ["cluster.gpus_per_node=16", "train.global_batch_size=64"], [], tmp_path)
     with pytest.raises(ProfileError, match=r"local.yaml .* no GPUs"):
         render("qwen25_500m_ja.yaml", load_profile("local"), [], [], tmp_path)
+
+
+# --- the NeMo stack: pinned in pyproject.toml, installed in the container, checked by every job ----
+
+def test_required_stack_is_what_pyproject_pins():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = {Requirement(r).name: Requirement(r).specifier
+            for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert set(executors.REQUIRED_STACK) == {"nemo_toolkit", "megatron-core"}
+    for name, want in executors.REQUIRED_STACK.items():
+        prefix = want[:-1] if want.endswith(".*") else None
+        for candidate in ("2.7.2", "2.7.3", "2.7.4", "2.8.0", "0.14.2", "0.15.0", "0.15.3", "0.16.0"):
+            accepted = candidate == want or bool(prefix and candidate.startswith(prefix))
+            assert accepted == (candidate in pins[name]), (name, candidate)
+
+
+def fake_distributions(root: Path, versions: dict[str, str]) -> Path:
+    """A directory that, first on PYTHONPATH, makes importlib.metadata report these versions."""
+    for name, version in versions.items():
+        info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return root
+
+
+STAGE_PROBE = "echo the stage ran"
+
+
+def test_every_job_prints_its_nemo_stack_and_stops_before_the_stage_when_it_is_not_the_pinned_one(tmp_path):
+    _, scripts = render_case("local_hf_sweep", tmp_path, setup=())
+    for name, script in scripts.items():  # every job: the same check, after the setup, before the stage
+        check = script.find('print("jp-peft stack:')
+        assert 0 < script.find("\n# setup\n") < check < script.find("\nsrun --output"), name
+
+    good = run_as_job(scripts["smoke-rank8-cpt"], tmp_path, {}, STAGE_PROBE)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert re.search(r"^jp-peft stack: nemo_toolkit 2\.7\.3, megatron-core 0\.15\.\d+, nemo_run 0\.11\.1, torch ",
+                     good.stdout, flags=re.M), good.stdout
+    assert "the stage ran" in good.stdout
+
+    old = fake_distributions(tmp_path / "old_stack", {"nemo_toolkit": "2.7.0", "megatron-core": "0.16.0"})
+    bad = run_as_job(scripts["smoke-rank8-cpt"], tmp_path, {"PYTHONPATH": str(old)}, STAGE_PROBE)
+    assert bad.returncode == 1
+    assert ("jp-peft: this job runs nemo_toolkit 2.7.0 (need 2.7.3), megatron-core 0.16.0 (need 0.15.*); "
+            "pyproject.toml pins them") in bad.stderr
+    assert "the stage ran" not in bad.stdout
+
+
+def test_pyxis_jobs_install_the_pins_into_their_own_container_and_check_them_there(tmp_path):
+    tasks, scripts = render_case("pyxis_headline", tmp_path)
+    profile = load_profile("h100_pyxis")
+    mounts = ",".join(profile.container_mounts)
+    step = f"srun --ntasks-per-node=1 --container-image {profile.container_image} --container-name=jp-peft " \
+           f"--container-mounts {mounts}"
+    assert not profile.container_image.endswith(":25.09")  # NeMo 2.5 inside: not the pinned stack
+    for task in tasks:
+        lines = scripts[task.name].splitlines()
+        install = lines.index(f"{step} bash -ec 'pip install -q -e /workspace/jp-peft "
+                              f"\"torch==$(python -c \"import torch; print(torch.__version__)\")\"' || exit 1")
+        check = next(i for i, line in enumerate(lines) if line.startswith(f"{step} python -c "))
+        stage = next(i for i, line in enumerate(lines) if line.startswith("srun --output"))
+        assert install < check < stage, task.name
+        assert "--container-name=jp-peft " in lines[stage]  # the stage runs in the container prepared above
+        assert not any(line.startswith("pip ") for line in lines), task.name  # nothing installed outside it

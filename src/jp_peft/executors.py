@@ -6,6 +6,7 @@ or unknown field fails here, naming it, before anything is submitted.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -20,6 +21,26 @@ PROFILE_DIR = REPO_ROOT / "slurm"
 BASE_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 # Common NCCL / torch settings for multi-node jobs (overridable in a profile's env).
 MULTINODE_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+# The NeMo stack every Slurm job checks before its stage: what pyproject.toml pins (a test keeps the two in
+# step; "0.15.*" is any 0.15 release). NVIDIA's NeMo containers ship other versions (slurm/README.md).
+REQUIRED_STACK = {"nemo_toolkit": "2.7.3", "megatron-core": "0.15.*"}
+REPORTED_STACK = ("nemo_run", "torch", "transformers", "lightning")
+# Pyxis keeps a named container on each node for the job's later steps: the stage runs where container_setup ran.
+CONTAINER_NAME = "jp-peft"
+# Run by the job's `python -c '...'`: no single quote in it.
+STACK_CHECK = """import importlib.metadata as md, sys
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "missing"
+required, reported = {required}, {reported}
+got = {{name: version(name) for name in [*required, *reported]}}
+print("jp-peft stack: " + ", ".join(name + " " + v for name, v in got.items()) + ", python " + sys.version.split()[0])
+wrong = [name + " " + got[name] + " (need " + want + ")" for name, want in required.items()
+         if not (got[name] == want or want.endswith(".*") and got[name].startswith(want[:-1]))]
+if wrong:
+    sys.exit("jp-peft: this job runs " + ", ".join(wrong) + "; pyproject.toml pins them (slurm/README.md: NeMo stack)")"""
 
 
 class ProfileError(ValueError):
@@ -55,7 +76,8 @@ class SlurmProfile:
     container_image: str | None = None
     container_mounts: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    setup: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()  # run by the batch script, on the first node, outside any container
+    container_setup: tuple[str, ...] = ()  # run inside the job's container on every node, before the stage
     requeue: bool = True
     signal_before_timelimit_s: int = 120
     wandb_key_file: str | None = None  # a file only the user can read; its contents never enter the script
@@ -92,8 +114,10 @@ def load_profile(name_or_path: str) -> SlurmProfile:
         for key in ("host", "user", "job_dir"):
             if not tunnel.get(key):
                 raise ProfileError(f"{path}: tunnel.{key} is required for an ssh tunnel")
+    if values.get("container_setup") and not values.get("container_image"):
+        raise ProfileError(f"{path}: container_setup needs a container_image (use setup on bare metal)")
     repo = str(REPO_ROOT)
-    for key in ("container_mounts", "setup"):
+    for key in ("container_mounts", "setup", "container_setup"):
         values[key] = tuple(str(v).replace("{repo}", repo) for v in (values.get(key) or ()))
     for key in ("env",):
         values[key] = {str(k): str(v) for k, v in (values.get(key) or {}).items()}
@@ -122,6 +146,30 @@ def check_training_fits(profile: SlurmProfile, gpus: int) -> None:
     if gpus > profile.gpus_per_node:
         raise ProfileError(f"cluster.gpus_per_node={gpus} asks for more GPUs than a node of {profile.path} has "
                            f"(gpus_per_node: {profile.gpus_per_node})")
+
+
+def stack_check_command() -> str:
+    """Print the versions the job runs; exit 1, naming what is wrong, unless they are REQUIRED_STACK."""
+    return "python -c '" + STACK_CHECK.format(required=json.dumps(REQUIRED_STACK),
+                                             reported=json.dumps(REPORTED_STACK)) + "'"
+
+
+def stack_setup_lines(profile: SlurmProfile) -> list[str]:
+    """Prepare and check the stack before the stage. The batch script runs outside the container,
+    so with Pyxis both happen in a job step, one task per node, in the named container that the
+    stage's step then reuses. `|| exit 1`: NeMo-Run's script runs its setup under `set +e`."""
+    if not profile.container_image:
+        return [f"{stack_check_command()} || exit 1"]
+    step = ["srun", "--ntasks-per-node=1", "--container-image", profile.container_image,
+            f"--container-name={CONTAINER_NAME}"]
+    if profile.container_mounts:
+        step += ["--container-mounts", ",".join(profile.container_mounts)]
+    step = " ".join(shlex.quote(arg) for arg in step)
+    lines = []
+    if profile.container_setup:
+        lines.append(f"{step} bash -ec {shlex.quote(chr(10).join(profile.container_setup))} || exit 1")
+    lines.append(f"{step} {stack_check_command()} || exit 1")
+    return lines
 
 
 def secret_setup_lines(profile: SlurmProfile) -> list[str]:
@@ -174,7 +222,7 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
     additional: dict[str, Any] = {}
     if profile.requeue:
         additional["requeue"] = True
-    setup = [*profile.setup, *secret_setup_lines(profile)]
+    setup = [*profile.setup, *stack_setup_lines(profile), *secret_setup_lines(profile)]
     executor = run.SlurmExecutor(
         account=profile.account,
         partition=profile.partition,
@@ -192,6 +240,7 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
         container_mounts=list(profile.container_mounts),
         signal=f"USR1@{profile.signal_before_timelimit_s}" if profile.signal_before_timelimit_s else None,
         additional_parameters=additional or None,
+        srun_args=[f"--container-name={CONTAINER_NAME}"] if profile.container_image else None,
         setup_lines="\n".join(setup) if setup else None,
         env_vars=env_vars,
         tunnel=tunnel,
