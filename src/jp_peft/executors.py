@@ -50,6 +50,7 @@ class ProfileError(ValueError):
 def local_executor(devices: int = 1, torchrun: bool = False, env: dict[str, str] | None = None):
     import nemo_run as run
 
+    keep_launch_dir_off_task_path()
     launcher = "torchrun" if torchrun else None
     # NeMo-Run starts local tasks as a bare `python -m ...` (or `torchrun`), resolved on PATH.
     # Put this interpreter's bin/ first so a task runs in the same venv as the launcher even
@@ -57,6 +58,41 @@ def local_executor(devices: int = 1, torchrun: bool = False, env: dict[str, str]
     interpreter_bin = {"PATH": os.path.dirname(sys.executable)}
     return run.LocalExecutor(ntasks_per_node=devices, launcher=launcher,
                              env_vars={**BASE_ENV, **interpreter_bin, **(env or {})})
+
+
+# Upstream adaptation, torchx 0.7.0 torchx/schedulers/local_scheduler.py (NeMo-Run's local executor
+# runs tasks through it). `_to_popen_request` (:956-968) appends the launch directory
+# (CWDImageProvider: os.getcwd()) to the task's PATH "so that the binaries in PATH precede over those
+# in cwd", but `_get_replica_env` (:751) then puts that PATH *before* the inherited one: a `git` in
+# the directory you launch from shadows /usr/bin/git (W&B runs git in every stage). An empty or
+# relative entry in the launcher's PATH means the cwd as well. Tasks get neither.
+TORCHX_LAUNCH_DIR_ON_PATH = 'role.env["PATH"] = _join_PATH(role.env.get("PATH"), cwd)'
+TORCHX_TASK_PATH = 'env["PATH"] = _join_PATH(replica_params.env.get("PATH"), os.getenv("PATH"))'
+
+
+def keep_launch_dir_off_task_path() -> None:
+    import inspect
+
+    from torchx.schedulers.local_scheduler import LocalScheduler
+
+    upstream = LocalScheduler._get_replica_env
+    if getattr(upstream, "keeps_launch_dir_off_path", False):
+        return
+    if (TORCHX_LAUNCH_DIR_ON_PATH not in inspect.getsource(LocalScheduler._to_popen_request)
+            or TORCHX_TASK_PATH not in inspect.getsource(upstream)):
+        raise RuntimeError("torchx's LocalScheduler no longer builds a task's PATH the way "
+                           "jp_peft.executors.keep_launch_dir_off_task_path adapts: review that adaptation")
+
+    def _get_replica_env(self, replica_params):
+        env = upstream(self, replica_params)
+        added_by_torchx = replica_params.env.get("PATH", "").split(os.pathsep)
+        inherited = os.environ.get("PATH", "").split(os.pathsep)
+        entries = [e for e in added_by_torchx if e != replica_params.cwd] + inherited
+        env["PATH"] = os.pathsep.join(dict.fromkeys(e for e in entries if os.path.isabs(e)))
+        return env
+
+    _get_replica_env.keeps_launch_dir_off_path = True
+    LocalScheduler._get_replica_env = _get_replica_env
 
 
 @dataclass(frozen=True)
