@@ -295,3 +295,50 @@ def test_pyxis_jobs_install_the_pins_into_their_own_container_and_check_them_the
         assert install < check < stage, task.name
         assert "--container-name=jp-peft " in lines[stage]  # the stage runs in the container prepared above
         assert not any(line.startswith("pip ") for line in lines), task.name  # nothing installed outside it
+
+
+# --- routine mistakes: exit 2 with one line ----------------------------------------------------------
+
+EXPERIMENT = [sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "slurm", "--smoke",
+              "--stages", "import"]
+
+
+@pytest.mark.parametrize("text", ["- account: a\n- partition: gpu\n", "gpu\n", "42\n", "account: [a\n"],
+                         ids=["list", "word", "number", "not-yaml"])
+def test_a_profile_that_is_not_a_mapping_is_refused_naming_the_file(text, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ProfileError, match=rf"^{re.escape(str(bad))}: .*mapping"):
+        load_profile(str(bad))
+
+
+def test_a_list_profile_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- account: a\n- partition: gpu\n")
+    proc = subprocess.run([*EXPERIMENT, "--slurm-profile", str(bad), "--dryrun", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and str(bad) in proc.stderr, proc.stderr
+
+
+def path_without_slurm(tmp_path: Path) -> str:
+    """This interpreter's bin/ and the system's commands, but none of Slurm's."""
+    bin_dir = tmp_path / "bin-without-slurm"
+    bin_dir.mkdir()
+    for system_dir in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(system_dir).iterdir() if Path(system_dir).is_dir() else ():
+            if tool.name not in ("sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel", "salloc"):
+                if not (bin_dir / tool.name).exists():
+                    (bin_dir / tool.name).symlink_to(tool)
+    return f"{Path(sys.executable).parent}:{bin_dir}"
+
+
+def test_slurm_without_sbatch_exits_2_naming_it_and_dryrun_still_works(tmp_path):
+    env = {**os.environ, "PATH": path_without_slurm(tmp_path)}
+    proc = subprocess.run([*EXPERIMENT, "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "sbatch" in proc.stderr, proc.stderr
+    dry = subprocess.run([*EXPERIMENT, "--dryrun", "--output-dir", str(tmp_path / "runs")], capture_output=True,
+                         text=True, timeout=300, cwd=REPO, env=env)
+    assert dry.returncode == 0 and "#SBATCH --job-name=jp-peft.smoke-import" in dry.stdout, dry.stderr[-2000:]

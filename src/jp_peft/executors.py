@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import nemo_run as run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO_ROOT / "slurm"
@@ -47,9 +50,24 @@ class ProfileError(ValueError):
     """A cluster profile is invalid; the message names the file and field."""
 
 
-def local_executor(devices: int = 1, torchrun: bool = False, env: dict[str, str] | None = None):
-    import nemo_run as run
+class SlurmUnavailable(ValueError):
+    """Slurm's commands are not installed where jobs are submitted from."""
 
+
+@dataclass(kw_only=True)
+class SubmittingLocalTunnel(run.LocalTunnel):
+    """NeMo-Run's LocalTunnel (submit from this machine), saying in one line when `sbatch` is missing
+    instead of invoke's traceback. Only submission needs it: --dryrun renders scripts without Slurm."""
+
+    def run(self, command: str, hide: bool = True, warn: bool = False, **kwargs):
+        if command.split(maxsplit=1)[:1] == ["sbatch"] and shutil.which("sbatch") is None:
+            raise SlurmUnavailable("--executor slurm submits jobs with Slurm's `sbatch`, which is not on PATH here: "
+                                   "install Slurm's client commands (slurm/local/README.md for a dev cluster), submit "
+                                   "from a login node, or use a profile with tunnel type ssh; --dryrun needs no Slurm")
+        return super().run(command, hide=hide, warn=warn, **kwargs)
+
+
+def local_executor(devices: int = 1, torchrun: bool = False, env: dict[str, str] | None = None):
     keep_launch_dir_off_task_path()
     launcher = "torchrun" if torchrun else None
     # NeMo-Run starts local tasks as a bare `python -m ...` (or `torchrun`), resolved on PATH.
@@ -131,7 +149,16 @@ def load_profile(name_or_path: str) -> SlurmProfile:
     if not path.exists():
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
         raise ProfileError(f"slurm profile {name_or_path!r} not found (known: {', '.join(known)})")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ProfileError(f"{path}: not a YAML mapping of profile fields: {getattr(exc, 'problem', exc)}{where}") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ProfileError(f"{path}: a profile is a mapping of fields (account: ..., partition: ...), "
+                           f"not a {type(values).__name__}")
     fields = set(SlurmProfile.__dataclass_fields__) - {"path"}
     if "ntasks_per_node" in values:
         raise ProfileError(f"{path}: ntasks_per_node is no longer a profile field: each stage gets the tasks it needs "
@@ -140,10 +167,15 @@ def load_profile(name_or_path: str) -> SlurmProfile:
     for key in values:
         if key not in fields:
             raise ProfileError(f"{path}: unknown field {key!r}; known: {', '.join(sorted(fields))}")
+    for key, kind in (("env", dict), ("tunnel", dict), ("container_mounts", list), ("setup", list),
+                      ("container_setup", list)):
+        if values.get(key) is not None and not isinstance(values[key], kind):
+            raise ProfileError(f"{path}: {key} must be a {'mapping' if kind is dict else 'list'}, "
+                               f"not {values[key]!r}")
     for key in SlurmProfile.REQUIRED:
         if values.get(key) in (None, ""):
             raise ProfileError(f"{path}: required field {key!r} is missing")
-    tunnel = values.get("tunnel", {"type": "local"})
+    tunnel = values["tunnel"] = values.get("tunnel") or {"type": "local"}
     if tunnel.get("type") not in ("local", "ssh"):
         raise ProfileError(f"{path}: tunnel.type must be 'local' or 'ssh'")
     if tunnel["type"] == "ssh":
@@ -238,8 +270,6 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
     training) one task on one node with at most one GPU: every extra task would run the whole
     stage again over the same files.
     """
-    import nemo_run as run
-
     if torchrun:
         nodes = nodes or profile.nodes
         gpus = profile.gpus_per_node if gpus_per_node is None else gpus_per_node
@@ -253,7 +283,7 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
         tunnel = run.SSHTunnel(host=tunnel_cfg["host"], user=tunnel_cfg["user"], job_dir=tunnel_cfg["job_dir"],
                                identity=os.path.expanduser(identity) if identity else None)
     else:
-        tunnel = run.LocalTunnel(job_dir=job_dir)
+        tunnel = SubmittingLocalTunnel(job_dir=job_dir)
     env_vars = {**BASE_ENV, **(MULTINODE_ENV if nodes > 1 else {}), **profile.env, **(env or {})}
     additional: dict[str, Any] = {}
     if profile.requeue:
