@@ -1,7 +1,8 @@
 """Executor factories: `local_executor(...)` and `slurm_executor(profile, ...)`.
 
 Cluster profiles are YAML files under slurm/ (see slurm/README.md); a profile with a missing
-or unknown field fails here, naming it, before anything is submitted.
+or unknown field fails here, naming it, before anything is submitted. Every Slurm job prints
+and checks its NeMo stack before its stage, and reads the W&B key where no trace can print it.
 """
 
 from __future__ import annotations
@@ -228,11 +229,11 @@ def stack_setup_lines(profile: SlurmProfile) -> list[str]:
     stage's step then reuses. `|| exit 1`: NeMo-Run's script runs its setup under `set +e`."""
     if not profile.container_image:
         return [f"{stack_check_command()} || exit 1"]
-    step = ["srun", "--ntasks-per-node=1", "--container-image", profile.container_image,
+    args = ["srun", "--ntasks-per-node=1", "--container-image", profile.container_image,
             f"--container-name={CONTAINER_NAME}"]
     if profile.container_mounts:
-        step += ["--container-mounts", ",".join(profile.container_mounts)]
-    step = " ".join(shlex.quote(arg) for arg in step)
+        args += ["--container-mounts", ",".join(profile.container_mounts)]
+    step = " ".join(shlex.quote(arg) for arg in args)
     lines = []
     if profile.container_setup:
         lines.append(f"{step} bash -ec {shlex.quote(chr(10).join(profile.container_setup))} || exit 1")
