@@ -61,6 +61,10 @@ def test_stages_complete_in_dependency_order(slurm_smoke):
         assert (d / "hf_adapter" / "adapter_model.safetensors").exists() and (d / "hf_merged" / "config.json").exists()
         assert json.loads((d / "export_check.json").read_text())["ok"]
     assert "JA before" in proc.stdout
+    batch_logs = sorted(out.rglob("sbatch_jp-peft.smoke-*.out"))
+    assert len(batch_logs) == len(order)
+    for log in batch_logs:  # every job printed the stack it ran, and it was the pinned one
+        assert re.search(r"^jp-peft stack: nemo_toolkit 2\.7\.3, megatron-core 0\.15\.\d+, ", log.read_text(), re.M), log
 
 
 def test_failing_stage_leaves_dependents_unrun_and_points_to_its_log(cluster, tmp_path):
@@ -117,3 +121,26 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm_smoke):
     assert metrics["steps"] == steps and metrics["resumed_from"]
     logged = [json.loads(x)["trainer/global_step"] for x in open(out / "requeue" / "cpt" / "train_log.jsonl")]
     assert logged == list(range(1, steps + 1))  # nothing repeated, nothing skipped
+
+
+def test_job_logs_never_contain_the_wandb_key(cluster, tmp_path, tiny_base):
+    """A profile's wandb_key_file is read by the job under NeMo-Run's `set -evx`: the trace shows the
+    read, never the key (nor does anything else the job or the launcher writes)."""
+    key = "wandbkey-cluster-7e1d04b9c3a25f68-never-logged"
+    key_file = tmp_path / "secrets" / "wandb_key"
+    key_file.parent.mkdir()
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    profile = tmp_path / "local_with_key.yaml"
+    profile.write_text((REPO / "slurm/local.yaml").read_text() + f"wandb_key_file: {key_file}\n")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}  # the key comes from the file only
+    proc = subprocess.run([*EXPERIMENT[:-1], str(profile), "--smoke", "--wait", "--stages", "import", "--name", "keyed",
+                           "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert job_info(submitted_jobs(proc.stdout)["keyed-import"])["JobState"] == "COMPLETED"
+    logs = sorted((tmp_path / "runs").rglob("*.out"))
+    assert any("+ export WANDB_API_KEY" in log.read_text() for log in logs), logs  # the job read the key file
+    assert key not in proc.stdout + proc.stderr
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and p != key_file and key.encode() in p.read_bytes()]
+    assert leaks == [], f"the W&B key was written to {leaks}"
