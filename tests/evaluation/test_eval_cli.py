@@ -34,7 +34,10 @@ def test_eval_writes_results_json_offline(tiny_base, tmp_path):
 
     proc, _ = _eval("--model", tiny_base, "--tasks", "jpeft_jcqa", "--limit", "10", "--output", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from jp_peft.evaluation.harness import read_results
+
     record = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert read_results(tmp_path / "results.json") == record
     assert record["format"] == 1 and record["lm_eval_version"] == lm_eval.__version__ == "0.4.13"
     assert record["model"] == str(Path(tiny_base).resolve()) and record["adapter"] is None
     assert (record["device"], record["dtype"], record["limit"], record["seed"]) == ("cpu", "float32", 10, 1234)
