@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--spec", required=True, help="DIR/NAME/spec.json")
     stage.add_argument("--target", choices=("cpt", "sft"), help="export: which trained stage")
 
+    from jp_peft.evaluation.cli import DESCRIPTION as EVAL_DESCRIPTION, EPILOG as EVAL_EPILOG, add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="score a model/adapter on downstream tasks (lm-eval, offline)",
+                                      description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
+
     wandb = sub.add_parser("wandb", help="W&B helpers").add_subparsers(dest="wandb_command", required=True)
     sync = wandb.add_parser("sync", help="upload offline runs under DIR (needs WANDB_API_KEY)")
     sync.add_argument("dir")
@@ -180,6 +186,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         return cmd_stage(args)
+    if args.command == "eval":
+        from jp_peft.evaluation.cli import run_eval_command
+
+        return run_eval_command(args)
     if args.command == "wandb":
         from jp_peft.callbacks.wandb_run import sync_offline_runs
 
