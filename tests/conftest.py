@@ -43,7 +43,14 @@ def tiny_base() -> Path:
 # The smoke run the integration tests share: short, but every stage, through the real CLI and
 # NeMo-Run's local executor. A fake W&B key is in its environment (offline mode) so that tests
 # can prove the key never lands in anything the run writes.
-FAKE_WANDB_KEY = "fakekey0123456789abcdef0123456789abcdef01"
+# Made per session: a key written in this file would be found in the run's copies of `git diff`
+# (NeMo logs the checkout's diff into git-info.log) and prove nothing about the run itself.
+FAKE_WANDB_KEY = "fakekey" + __import__("secrets").token_hex(17)
+
+
+@pytest.fixture(scope="session")
+def fake_wandb_key() -> str:
+    return FAKE_WANDB_KEY
 SMOKE_OVERRIDES = ["cpt.train.max_steps=16", "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=4",
                    "sft.train.max_steps=10", "sft.train.val_check_interval=5", "sft.train.limit_val_batches=4"]
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_WANDB_KEY
 from jp_peft.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.integration
@@ -48,9 +47,9 @@ def test_offline_run_is_comparable(smoke_run, stage, steps):
     assert artifacts and artifacts[0]["metadata"]["steps"] == steps and "val_ppl_ja" in artifacts[0]["metadata"]
 
 
-def test_api_key_never_lands_in_anything_the_run_wrote(smoke_run):
+def test_api_key_never_lands_in_anything_the_run_wrote(smoke_run, fake_wandb_key):
     run_dir = smoke_run[0]
-    hits = subprocess.run(["grep", "-rl", "--binary-files=text", FAKE_WANDB_KEY, str(run_dir.parent)],
+    hits = subprocess.run(["grep", "-rl", "--binary-files=text", fake_wandb_key, str(run_dir.parent)],
                           capture_output=True, text=True)
     assert hits.stdout == "", f"API key found in: {hits.stdout}"
-    assert FAKE_WANDB_KEY not in smoke_run[1]
+    assert fake_wandb_key not in smoke_run[1]

@@ -63,12 +63,19 @@ def test_cpt_recipe_values():
     assert (cpt.data.seq_length, cpt.data.micro_batch_size, cpt.data.global_batch_size) == (2048, 4, 16)
     # Trainer and parallelism
     t = cpt.trainer
-    assert (t.max_steps, t.val_check_interval, t.num_nodes, t.devices, t.gradient_clip_val) == (1000, 100, 1, 1, 1.0)
+    assert (t.max_steps, t.val_check_interval, t.num_nodes, t.devices) == (1000, 100, 1, 1)
+    assert t.gradient_clip_val is None  # NeMo's MegatronMixedPrecision raises on it; Megatron clips in its optimizer
     assert (t.strategy.tensor_model_parallel_size, t.strategy.pipeline_model_parallel_size,
             t.strategy.context_parallel_size) == (1, 1, 1)
     assert t.plugins.precision == "bf16-mixed"
     # Optimiser: cosine with warmup
     assert (cpt.optim.config.lr, cpt.optim.config.clip_grad, cpt.optim.lr_scheduler.warmup_steps) == (1e-4, 1.0, 100)
+    assert (cpt.optim.config.bf16, cpt.optim.config.fp16) == (True, False)  # follows train.precision
+    # Data: the base model's own tokenizer (no GPT-2 download), masks that survive a resume
+    from jp_peft.backends.megatron_data import ExactResumeGPTDataset
+
+    assert cpt.data.tokenizer.pretrained_model_name == "Qwen/Qwen2.5-0.5B"
+    assert cpt.data.dataset_cls is ExactResumeGPTDataset
     # Logging: W&B + TensorBoard, checkpoints every N steps
     wandb = cpt.log.wandb
     assert (wandb.project, wandb.group, wandb.job_type, wandb.name) == ("jp-peft", "qwen_lora_ja", "cpt", "cpt:qwen_lora_ja")
@@ -78,6 +85,9 @@ def test_cpt_recipe_values():
     callbacks = {c.__fn_or_cls__.__name__: c for c in cpt.trainer.callbacks}
     assert callbacks["MegatronStepMetrics"].tokens_per_step == 16 * 2048
     assert callbacks["MegatronStepMetrics"].flops_per_token == 2_609_905_664  # hand-checked in test_flops_and_compare
+    assert set(callbacks) >= {"PreemptionCallback", "StepSeed", "LanguageValidation"}
+    assert callbacks["LanguageValidation"].prefixes["en"].endswith("en_replay_val_text_document")
+    assert cpt.log.log_dir.endswith("qwen_lora_ja/cpt") and cpt.log.name == "nemo"  # NeMo's own log dir
     # Resume: continue a requeued job, else start from the imported base
     assert cpt.resume.resume_if_exists and cpt.resume.resume_ignore_no_checkpoint
     assert cpt.resume.restore_config.path.endswith("models/Qwen/Qwen2.5-0.5B")
@@ -107,15 +117,50 @@ def test_overrides_and_parallel_layout_reach_the_recipe(tmp_path):
     assert cpt.data.global_batch_size == 64
 
 
-def test_import_base_is_skipped_when_present(tmp_path, monkeypatch):
+def test_import_recipe_composes_nemos_import_with_a_model_to_build(tmp_path, monkeypatch):
+    import fiddle as fdl
+    from nemo.lightning.io.mixin import ConnectorMixin
+
     from jp_peft.backends import megatron
+    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import load_preset
 
     monkeypatch.setenv("NEMO_HOME", str(tmp_path))
-    target = megatron.imported_base_path("Qwen/Qwen2.5-0.5B")
-    assert target == tmp_path / "models" / "Qwen" / "Qwen2.5-0.5B"
-    (target / "context").mkdir(parents=True)
-    (target / "weights").mkdir()
-    assert megatron.import_base("Qwen/Qwen2.5-0.5B", str(target)) == str(target)  # no import attempted
+    imp = recipe.import_base()
+    assert imp.__fn_or_cls__ is llm.import_ckpt and imp.source == "hf://Qwen/Qwen2.5-0.5B"
+    assert imp.output_path == str(tmp_path / "models" / "Qwen" / "Qwen2.5-0.5B")
+    assert isinstance(fdl.build(imp.model), ConnectorMixin)  # an instance, as import_ckpt needs (bug 1)
     local = tmp_path / "hf" / "Qwen2.5-0.5B"
     local.mkdir(parents=True)
-    assert megatron.imported_base_path(str(local)) == tmp_path / "models" / "local" / "Qwen2.5-0.5B"
+    spec = resolve_spec(load_preset(recipe.PRESET), [f"model.name={local}"])
+    assert megatron.imported_base_path(spec) == tmp_path / "models" / "local" / "Qwen2.5-0.5B"
+
+
+def test_tiny_cpu_recipe_changes_only_size_and_device_fields():
+    """--smoke --backend megatron: NVIDIA's recipe with the tiny model's shape and CPU device fields."""
+    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import load_preset
+
+    smoke = resolve_spec(load_preset(recipe.PRESET.parent / "smoke.yaml"), ["backend=megatron", "cluster.accelerator=cpu"])
+    production = recipe.cpt_lora()
+    cpt = recipe.cpt_lora(spec=smoke.to_dict())
+    c = cpt.model.config
+    assert c.__fn_or_cls__ is llm.Qwen25Config500M
+    assert (c.num_layers, c.hidden_size, c.ffn_hidden_size, c.num_attention_heads, c.num_query_groups, c.vocab_size) \
+        == (4, 192, 512, 6, 2, 2048)
+    assert (c.use_cpu_initialization, c.masked_softmax_fusion) == (True, False)
+    assert cpt.trainer.accelerator == "cpu" and production.trainer.accelerator == "gpu"
+    assert cpt.trainer.strategy.ckpt_optim_fully_reshardable is True
+    assert cpt.peft.__fn_or_cls__ is production.peft.__fn_or_cls__
+    assert cpt.optim.__fn_or_cls__ is production.optim.__fn_or_cls__
+    assert cpt.optim.config.use_distributed_optimizer is True  # Megatron DDP + distributed optimizer, as on GPU
+    sft = recipe.sft_lora(spec=smoke.to_dict())
+    assert sft.data.packed_sequence_specs is None and recipe.sft_lora().data.packed_sequence_specs is not None
+
+
+def test_megatron_on_cpu_is_only_for_the_tiny_model():
+    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import SpecError, load_preset
+
+    with pytest.raises(SpecError, match="cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny"):
+        resolve_spec(load_preset(recipe.PRESET), ["cluster.accelerator=cpu"])
