@@ -107,8 +107,14 @@ def cmd_stage(args) -> int:
     recipes = None
     if spec.backend == "megatron":
         from recipes import qwen25_500m_ja as recipes
+    from jp_peft.interrupt import StageInterrupted
+
     task = PlannedTask(f"{spec.name}-{args.stage}", args.stage, spec, [], target=args.target)
-    fdl.build(task_config(task, recipes))()
+    try:
+        fdl.build(task_config(task, recipes))()
+    except StageInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jp_peft.backends.hf_data import BlendedBlocks, SFTDataset, packed_attention_mask
 from jp_peft.data.blocks import EvalBlocks
+from jp_peft.interrupt import StageInterrupted
 from jp_peft.metrics import StageMetrics
 from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
 
@@ -259,8 +260,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
     if trainer.global_step < train.max_steps:
-        raise RuntimeError(f"{stage}: stopped at step {trainer.global_step} of {train.max_steps} "
-                           f"(preempted?); rerun to resume from {ckpt_dir / 'last.ckpt'}")
+        raise StageInterrupted(stage, trainer.global_step, train.max_steps, ckpt_dir)
 
     final = {lang: module.evaluate(lang) for lang in val_sets}
     log = [row for row in (json.loads(line) for line in open(stage_dir / "train_log.jsonl", encoding="utf-8"))

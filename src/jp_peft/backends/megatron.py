@@ -157,7 +157,6 @@ def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
     flops = lora_flops_per_token(shape, data.seq_length, spec.lora.rank, spec.lora.target_modules)
     log = str(rundir.train_log(spec, stage))
     return [
-        run.Config(PreemptionCallback),
         run.Config(StepSeed, seed=train.seed),
         run.Config(MegatronStepMetrics, log_path=log, tokens_per_step=train.global_batch_size * data.seq_length,
                    flops_per_token=flops, stage=stage),
@@ -166,6 +165,8 @@ def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
                    every_n_steps=train.val_check_interval, log_path=log,
                    baseline_path=str(rundir.val_baseline(spec, stage)),
                    checkpoint_dir=str(rundir.checkpoints(spec, stage))),
+        # last: it saves and exits the process at the end of a step, after the rows above are written
+        run.Config(PreemptionCallback),
     ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jp_peft import rundir
 from jp_peft.backends.megatron import stage_start_nemo
+from jp_peft.interrupt import StageInterrupted
 from jp_peft.metrics import StageMetrics
 from jp_peft.spec import ExperimentSpec
 
@@ -83,10 +84,6 @@ def _vocab_size(hf_dir: str) -> int:
 
 # --- training ---------------------------------------------------------------------------------
 
-class StageInterrupted(RuntimeError):
-    """Training stopped before max_steps (a signal, preemption): its last checkpoint resumes it."""
-
-
 def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
     """Run the composed NeMo recipe (llm.finetune, built by NeMo-Run), then write its metrics record."""
     from jp_peft.callbacks.language_validation import LanguageValidation
@@ -107,12 +104,17 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
         rundir.train_log(spec, stage).unlink(missing_ok=True)
         rundir.val_baseline(spec, stage).unlink(missing_ok=True)
     started = time.perf_counter()
-    recipe()
-    wall = time.perf_counter() - started
     max_steps = spec.stage(stage).train.max_steps
+    try:
+        recipe()
+    except SystemExit:
+        # NeMo's PreemptionCallback exits 0 once it saved (preemption.py:74): a stage that stopped early
+        # is not done, and must not look done to the launcher or to Slurm's afterok
+        if trainer.global_step >= max_steps:
+            raise
+    wall = time.perf_counter() - started
     if trainer.global_step < max_steps:
-        raise StageInterrupted(f"{stage}: stopped at step {trainer.global_step} of {max_steps}; its last checkpoint "
-                               f"is in {rundir.checkpoints(spec, stage)}: run the same command again to resume")
+        raise StageInterrupted(stage, trainer.global_step, max_steps, rundir.checkpoints(spec, stage))
     validation = next(cb for cb in trainer.callbacks if isinstance(cb, LanguageValidation))
     rows = [json.loads(line) for line in rundir.train_log(spec, stage).read_text(encoding="utf-8").splitlines()
             if line.strip()]
