@@ -261,7 +261,7 @@ def secret_setup_lines(profile: SlurmProfile) -> list[str]:
 
 
 def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: int | None = None,
-                   gpus_per_node: int | None = None, env: dict[str, str] | None = None):
+                   gpus_per_node: int | None = None, env: dict[str, str] | None = None, on_cpu: bool = False):
     """A NeMo-Run SlurmExecutor for one stage. `job_dir` must be the experiment's base_dir
     (NeMo-Run writes the sbatch script under base_dir and submits it from the tunnel's job_dir:
     when they differ, sbatch cannot open the script — NeMo-Run issue 299).
@@ -269,12 +269,17 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
     torchrun (Megatron training): `nodes` x `gpus_per_node` GPUs, one Slurm task per node, in which
     torchrun starts one process per allocated GPU. Otherwise (import, data, export, eval, hf
     training) one task on one node with at most one GPU: every extra task would run the whole
-    stage again over the same files.
+    stage again over the same files. on_cpu (the Megatron CPU tier, the tiny model): torchrun starts one
+    process on one node, no GPU.
     """
-    if torchrun:
+    nprocs = None
+    if torchrun and on_cpu:
+        nodes, gpus, nprocs = 1, 0, 1
+    elif torchrun:
         nodes = nodes or profile.nodes
         gpus = profile.gpus_per_node if gpus_per_node is None else gpus_per_node
         check_training_fits(profile, gpus)
+        nprocs = gpus
     else:
         nodes = 1
         gpus = min(profile.gpus_per_node if gpus_per_node is None else gpus_per_node, 1)
@@ -297,7 +302,7 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
         nodes=nodes,
         ntasks_per_node=1,
         # NeMo-Run's default is ntasks_per_node: the count of torchrun's processes must follow the GPUs instead.
-        torchrun_nproc_per_node=gpus if torchrun else None,
+        torchrun_nproc_per_node=nprocs,
         gpus_per_node=gpus or None,
         cpus_per_task=profile.cpus_per_task,
         qos=profile.qos,

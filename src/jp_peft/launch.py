@@ -38,7 +38,8 @@ def executor_factory(kind: str, profile_name, base_dir: Path):
         spec = task.spec
         if spec.backend == "megatron" and task.stage in TRAINING:
             return slurm_executor(profile, str(base_dir / "experiments"), torchrun=True,
-                                  nodes=spec.cluster.num_nodes, gpus_per_node=spec.cluster.gpus_per_node)
+                                  nodes=spec.cluster.num_nodes, gpus_per_node=spec.cluster.gpus_per_node,
+                                  on_cpu=spec.cluster.accelerator == "cpu")
         # hf training and the light stages: one node, one task (one GPU if the partition has them).
         gpus = min(profile.gpus_per_node, 1)
         return slurm_executor(profile, str(base_dir / "experiments"), torchrun=False, nodes=1, gpus_per_node=gpus)
