@@ -51,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slurm-profile", default="local", help="slurm/<name>.yaml or a path (default: local)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     parser.add_argument("--wait", action="store_true", help="slurm: block until every job has finished")
-    parser.add_argument("--dryrun", action="store_true", help="print every task's config and executor; run nothing")
+    parser.add_argument("--dryrun", action="store_true", help="print every task's config and executor; run nothing "
+                        "and change no file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a run over when its directory holds a run of another spec (default: the same "
+                        "spec resumes it, a different one is refused)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="spec overrides, e.g. lora.rank=16")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
@@ -100,15 +104,24 @@ def main(argv=None) -> int:
             return 2
         from jp_peft.launch import launch
 
-        stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+        stages = [s.strip() for s in args.stages.split(",")] if args.stages is not None else None
+        if stages is not None and not any(stages):
+            raise SpecError("--stages: empty; name at least one of import,data,cpt,sft,export,eval")
         recipes = None
         if backend == "megatron":  # the recipe module composes every NeMo call (imports NeMo: ~15 s)
             from recipes import qwen25_500m_ja as recipes
         return launch(values, overrides, args.sweep, stages, executor=args.executor, profile=args.slurm_profile,
-                      dryrun=args.dryrun, wait=args.wait, recipes=recipes)
+                      dryrun=args.dryrun, wait=args.wait, recipes=recipes, overwrite=args.overwrite)
     except (SpecError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from jp_peft.run_state import RunBusy
+
+        if isinstance(exc, RunBusy):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

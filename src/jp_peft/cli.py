@@ -182,8 +182,13 @@ def main(argv=None) -> int:
         return run_export_command(args)
     if args.command == "compare":
         from jp_peft.compare import compare_runs
+        from jp_peft.rundir import MissingRecord
 
-        out = compare_runs(args.runs, args.output)
+        try:
+            out = compare_runs(args.runs, args.output)
+        except MissingRecord as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
         return 0
     if args.command == "stage":

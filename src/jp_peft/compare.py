@@ -13,7 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-STAGES = ("cpt", "sft")
+from jp_peft import rundir
+from jp_peft.metrics import read_stage_metrics
+from jp_peft.rundir import MissingRecord, read_json
+from jp_peft.spec import TRAINED_STAGES
+
 IGNORED_KEYS = ("name", "group", "output_dir")  # differ by construction, say nothing about the recipe
 
 
@@ -27,18 +31,22 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
-    spec_path = run_dir / "spec.json"
+    """A run's spec, metrics records and step rows; a missing or corrupt file raises MissingRecord naming it."""
+    if not run_dir.is_dir():
+        raise MissingRecord(f"{run_dir}: no such run directory")
+    spec_path = rundir.spec_file_of(run_dir)
     if not spec_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no spec.json; is this a run directory (DIR/NAME)?")
-    run = {"dir": run_dir, "name": run_dir.name, "spec": json.loads(spec_path.read_text()), "stages": {}}
-    for stage in STAGES:
+        raise MissingRecord(f"{run_dir}: no spec.json; is this a run directory (DIR/NAME)?")
+    run = {"dir": run_dir, "name": run_dir.name, "spec": read_json(spec_path, "compare"), "stages": {}}
+    for stage in TRAINED_STAGES:
         metrics = run_dir / stage / "metrics.json"
         if metrics.exists():
             log = run_dir / stage / "train_log.jsonl"
             rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-            run["stages"][stage] = {"metrics": json.loads(metrics.read_text()), "log": rows}
+            run["stages"][stage] = {"metrics": read_stage_metrics(metrics).to_dict(),
+                                    "log": [r for r in rows if "train/loss" in r]}
     if not run["stages"]:
-        raise FileNotFoundError(f"{run_dir}: no finished stage (no <stage>/metrics.json)")
+        raise MissingRecord(f"{run_dir}: no finished stage (no <stage>/metrics.json)")
     return run
 
 
@@ -53,8 +61,8 @@ def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]
     rows = []
     for run in runs:
         flat = _flatten(run["spec"])
-        last_stage = [s for s in STAGES if s in run["stages"]][-1]
-        first = run["stages"][[s for s in STAGES if s in run["stages"]][0]]["metrics"]
+        last_stage = [s for s in TRAINED_STAGES if s in run["stages"]][-1]
+        first = run["stages"][[s for s in TRAINED_STAGES if s in run["stages"]][0]]["metrics"]
         last = run["stages"][last_stage]["metrics"]
         mfu = [r["perf/mfu"] for s in run["stages"].values() for r in s["log"] if r.get("perf/mfu") is not None]
         row = {"run": run["name"], **{k: flat.get(k) for k in diff_keys},

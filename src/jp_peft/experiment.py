@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jp_peft.spec import (SHARED_STAGES, STAGES, TRAINED_STAGES, ExperimentSpec, SpecError, apply_overrides,
-                          experiment_from_dict)
+                          experiment_from_dict, inline_blend_files)
 
 
 def parse_sweep(items: list[str]) -> list[list[str]]:
@@ -28,6 +28,10 @@ def parse_sweep(items: list[str]) -> list[list[str]]:
         choices = [v for v in values.split(",") if v != ""]
         if not choices:
             raise SpecError(f"--sweep {item!r}: no values")
+        repeated = sorted({v for v in choices if choices.count(v) > 1})
+        if repeated:
+            raise SpecError(f"--sweep {item!r}: {', '.join(repeated)} given twice (two runs of one variant would "
+                            "write the same directory)")
         axes.append([f"{key}={v}" for v in choices])
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
@@ -79,10 +83,16 @@ def resolve_spec(values: dict, overrides: list[str], cwd: Path | None = None) ->
 
     cwd = cwd or Path.cwd()
     values = apply_overrides(copy.deepcopy(values), overrides)
+    inline_blend_files(values)  # `cpt.data.blend=my_blend.yaml` on the command line, as in a preset
+    if not isinstance(values.get("output_dir", "runs"), str) or not values.get("output_dir", "runs"):
+        raise SpecError(f"output_dir: expected a directory path, got {values.get('output_dir')!r}")
     output_dir = str((cwd / values.get("output_dir", "runs")).resolve())
     values["output_dir"] = output_dir
     name = values.get("name", "qwen_lora_ja")
     group = values.get("group") or name
+    for field_name, value in (("name", name), ("group", group), ("output_dir", values["output_dir"])):
+        if not isinstance(value, str) or value in ("", ".", "..") or (field_name != "output_dir" and "/" in value):
+            raise SpecError(f"{field_name}: expected a name (a directory under output_dir), got {value!r}")
     values = _expand_paths(values, {"group_dir": str(Path(output_dir) / group), "run_dir": str(Path(output_dir) / name),
                                     "repo": str(Path(__file__).resolve().parents[2])})
     _absolute_data_paths(values, cwd)
@@ -155,9 +165,13 @@ def task_config(task: PlannedTask, recipes):
     return run.Partial(run_stage, spec=task.spec.to_dict(), stage=task.stage, target=task.target, recipe=recipe)
 
 
-def new_experiment(title: str, base_dir: Path):
+def new_experiment(title: str, base_dir: Path, quiet: bool = False):
+    """quiet: no NeMo-Run console tables (the local launcher prints its own progress, one task at a time)."""
     import nemo_run as run
 
+    if quiet:
+        return run.Experiment(title, base_dir=str(base_dir), log_level="WARN", clean_mode=True,
+                              enable_goodbye_message=False, skip_status_at_exit=True)
     return run.Experiment(title, base_dir=str(base_dir), log_level="WARN")
 
 

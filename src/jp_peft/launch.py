@@ -7,6 +7,7 @@ points at is importable from the installed package.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ def executor_factory(kind: str, profile_name, base_dir: Path):
         def for_task(task: PlannedTask):
             megatron_training = task.spec.backend == "megatron" and task.stage in TRAINING
             devices = task.spec.cluster.gpus_per_node if megatron_training else 1
-            return local_executor(devices=devices, torchrun=megatron_training)
+            # torchrun for Megatron on GPUs; the CPU tier is one process, which NeMo sets up by itself and a
+            # stop reaches directly (torchrun would stand between the signal and NeMo's preemption save)
+            return local_executor(devices=devices,
+                                  torchrun=megatron_training and task.spec.cluster.accelerator != "cpu")
         return for_task
 
     profile = profile_name if isinstance(profile_name, SlurmProfile) else load_profile(profile_name)
@@ -47,35 +51,205 @@ def executor_factory(kind: str, profile_name, base_dir: Path):
 
 
 def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None, *, executor: str,
-           profile: str, dryrun: bool, wait: bool, recipes) -> int:
+           profile: str, dryrun: bool, wait: bool, recipes, overwrite: bool = False) -> int:
     """`recipes`: the recipe module that composes the NeMo calls of Megatron tasks (recipes.qwen25_500m_ja)."""
+    from jp_peft.run_state import RunLocks, check_reuse, start_over
+
     tasks = plan(values, overrides, sweep, stages)
     first = tasks[0].spec
+    specs = list({t.spec.run_dir: t.spec for t in tasks}.values())
+    restart = check_reuse(specs, overwrite)  # a different spec is refused before anything starts
     print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")
     for task in tasks:
         after = f" after {', '.join(task.depends_on)}" if task.depends_on else ""
         print(f"  {task.name}{after}")
     if dryrun:
         return show_dryrun(tasks, executor, profile, recipes)
-    base_dir = rundir.launches_dir(first)
-    base_dir.mkdir(parents=True, exist_ok=True)
-    for spec in {t.spec.run_dir: t.spec for t in tasks}.values():  # the resolved spec, for reruns and comparison
-        rundir.write_json(rundir.spec_file(spec), spec.to_dict())
-    exp = new_experiment(first.group_name, base_dir)
-    with exp:
-        add_tasks(exp, tasks, executor_factory(executor, profile, base_dir), recipes)
-        started = time.perf_counter()
-        exp.run(sequential=False, detach=(executor == "slurm"), tail_logs=False)
-    if executor == "slurm":
-        return follow_slurm(tasks, exp, wait, started)
-    return report(tasks, exp, time.perf_counter() - started)
+    check_output_dir(first)
+    with RunLocks(specs):
+        for spec in restart:
+            print(f"--overwrite: starting {spec.run_dir} over")
+            start_over(spec)
+        base_dir = rundir.launches_dir(first)
+        base_dir.mkdir(parents=True, exist_ok=True)
+        for spec in specs:  # the resolved spec, for reruns and comparison
+            rundir.write_json(rundir.spec_file(spec), spec.to_dict())
+        if executor == "local":
+            return run_local(tasks, executor_factory("local", profile, base_dir), recipes, base_dir)
+        exp = new_experiment(first.group_name, base_dir)
+        with exp:
+            add_tasks(exp, tasks, executor_factory(executor, profile, base_dir), recipes)
+            started = time.perf_counter()
+            exp.run(sequential=False, detach=True, tail_logs=False)
+        return follow_slurm(tasks, specs, exp, wait, started)
 
 
-def follow_slurm(tasks: list[PlannedTask], exp, wait: bool, started: float) -> int:
+def check_output_dir(spec) -> None:
+    """A file where a directory belongs, or a directory we cannot write: say so before anything starts."""
+    from jp_peft.spec import SpecError
+
+    out = Path(spec.output_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise SpecError(f"--output-dir: {existing} is a file, not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"--output-dir: {existing} is not writable")
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached the launcher."""
+
+
+def run_local(tasks: list[PlannedTask], executor_for, recipes, base_dir: Path) -> int:
+    """The local executor, one task at a time in dependency order (a local machine's GPUs are shared by
+    every task, so tasks of one level would only compete). A failed task stops the tasks that depend on
+    it; Ctrl-C or SIGTERM stops the running task (it saves a checkpoint at the end of its step) and
+    starts no other."""
+    import signal
+
+    # torchx's local scheduler puts in handlers of its own that raise SignalException
+    from torchx.schedulers.local_scheduler import SignalException
+
+    def interrupt(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    outcome: dict[str, str] = {}
+    started = time.perf_counter()
+    try:
+        for task in tasks:
+            failed_deps = [d for d in task.depends_on if outcome.get(d) != "done"]
+            if failed_deps:
+                outcome[task.name] = "not started"
+                print(f"NOT STARTED: {task.name}: {', '.join(failed_deps)} did not finish", file=sys.stderr)
+                continue
+            outcome[task.name] = run_one(task, executor_for, recipes, base_dir)
+    except (Interrupted, KeyboardInterrupt, SignalException) as exc:
+        running = next((t for t in tasks if t.name not in outcome), None)
+        if running is not None:
+            outcome[running.name] = "interrupted"
+        print(f"\ninterrupted ({exc or type(exc).__name__}): {running.name if running else 'nothing'} was stopped"
+              + (" (a training stage saved a checkpoint at the end of its step)" if running and running.stage in TRAINING
+                 else "") + "; no further stage was started.\nResume with the same command: finished stages are "
+              "kept, unfinished ones continue from their checkpoints.", file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return report_local(tasks, outcome, time.perf_counter() - started)
+
+
+def run_one(task: PlannedTask, executor_for, recipes, base_dir: Path) -> str:
+    """Run one task through NeMo-Run's local executor and wait; "done" only if it wrote a current record."""
+    from jp_peft.experiment import task_config
+    from jp_peft.stages import finished_earlier
+    from jp_peft.run_state import fingerprint
+
+    exp = new_experiment(task.name, base_dir, quiet=True)
+    watcher = ProgressWatcher(task)
+    print(f"[jp-peft] {task.name}: started", flush=True)
+    watcher.start()
+    try:
+        with exp:  # leaving the block waits for the task
+            exp.add(task_config(task, recipes), executor=executor_for(task), name=task.name, tail_logs=False)
+            exp.run(sequential=True, detach=False, tail_logs=False)
+    except BaseException:
+        # Ctrl-C/SIGTERM: SIGTERM to the task's process group, SIGKILL 10 s later (torchx's local scheduler)
+        exp.cancel(task.name)
+        raise
+    finally:
+        watcher.stop()
+    record = task_record(task)
+    if task.stage in ("import", "data"):
+        ok = record.exists() and record.stat().st_mtime >= watcher.started_at
+    else:
+        ok = finished_earlier(record, fingerprint(task.spec))
+    print(f"[jp-peft] {task.name}: {'done' if ok else 'FAILED'} after {time.time() - watcher.started_at:.0f} s", flush=True)
+    if not ok:
+        log = task_log(exp, task)
+        print(f"FAILED: {task.name}: {record} was not written; log: {log}", file=sys.stderr)
+        print(last_lines(log), file=sys.stderr)
+    return "done" if ok else "failed"
+
+
+def last_lines(log: str, n: int = 20) -> str:
+    path = Path(log)
+    if not path.is_file():
+        return "  (no log file)"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join("  | " + line for line in lines[-n:])
+
+
+class ProgressWatcher:
+    """The launcher's view of a running stage: one line per new training step (step/max_steps, loss,
+    tokens/s, ETA) from the stage's train_log.jsonl, and a heartbeat for the other stages."""
+
+    def __init__(self, task: PlannedTask, every_s: float = 2.0):
+        import threading
+
+        self.task, self.every_s = task, every_s
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    @staticmethod
+    def _say(line: str) -> None:
+        # the real stdout: NeMo-Run's live display captures sys.stdout while it waits for the task
+        print(line, file=sys.__stdout__, flush=True)
+
+    def _run(self) -> None:
+        from jp_peft.progress import progress_line
+
+        spec, stage = self.task.spec, self.task.stage
+        log = rundir.train_log(spec, stage) if stage in TRAINING else None
+        shown, seconds, last_beat = 0, [], time.time()
+        while not self._stop.wait(self.every_s):
+            if log is not None and log.exists() and log.stat().st_mtime >= self.started_at:
+                rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if '"train/loss"' in line]
+                if rows and rows[-1]["trainer/global_step"] != shown:
+                    row = rows[-1]
+                    shown = row["trainer/global_step"]
+                    seconds = [r["perf/step_time_s"] for r in rows]
+                    self._say(progress_line(f"{self.task.name}:", shown, spec.stage(stage).train.max_steps,
+                                            row["train/loss"], row["perf/tokens_per_s"], seconds))
+                    last_beat = time.time()
+            if time.time() - last_beat >= 30:
+                self._say(f"[jp-peft] {self.task.name}: running ({time.time() - self.started_at:.0f} s)")
+                last_beat = time.time()
+
+
+def report_local(tasks: list[PlannedTask], outcome: dict[str, str], seconds: float) -> int:
+    print_summaries(tasks)
+    done = sum(1 for t in tasks if outcome.get(t.name) == "done")
+    print(f"{done}/{len(tasks)} tasks finished in {seconds:.0f} s")
+    return 0 if done == len(tasks) else (130 if "interrupted" in outcome.values() else 1)
+
+
+def print_summaries(tasks: list[PlannedTask]) -> None:
+    from jp_peft.stages import format_summary
+
+    for spec in {t.spec.run_dir: t.spec for t in tasks if t.stage == "eval"}.values():
+        summary_path = rundir.summary_file(spec)
+        if summary_path.exists():
+            print(format_summary(json.loads(summary_path.read_text(encoding="utf-8"))))
+            print(f"  metrics: {spec.run_dir}/<stage>/metrics.json; W&B: {spec.run_dir / 'wandb'}")
+
+
+def follow_slurm(tasks: list[PlannedTask], specs, exp, wait: bool, started: float) -> int:
     """Print each task's job id and log; with --wait, follow them to the end (scontrol, no sacct needed)."""
+    from jp_peft.run_state import record_jobs
     from jp_peft.slurm_jobs import job_id_of, wait_for
 
     jobs = {job.id: job_id_of(job.handle) for job in exp.jobs}
+    record_jobs(specs, jobs)
     for job in exp.jobs:
         print(f"  {job.id}: slurm job {jobs[job.id]}, log {job.executor.job_details.stdout}")
     if not wait:
@@ -94,13 +268,7 @@ def report(tasks: list[PlannedTask], exp, seconds: float) -> int:
     for task in failed:
         print(f"FAILED: {task.name}: {task_record(task)} was not written; log: {task_log(exp, task)}",
               file=sys.stderr)
-    for spec in {t.spec.run_dir: t.spec for t in tasks if t.stage == "eval"}.values():
-        summary_path = spec.run_dir / "summary.json"
-        if summary_path.exists():
-            from jp_peft.stages import format_summary
-
-            print(format_summary(json.loads(summary_path.read_text(encoding="utf-8"))))
-            print(f"  metrics: {spec.run_dir}/<stage>/metrics.json; W&B: {spec.run_dir / 'wandb'}")
+    print_summaries(tasks)
     print(f"{len(tasks) - len(failed)}/{len(tasks)} tasks finished in {seconds:.0f} s")
     return 1 if failed else 0
 

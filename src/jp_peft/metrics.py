@@ -40,6 +40,7 @@ class StageMetrics:
     resumed_from: str | None = None
     val_history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (blend epochs, ...)
+    spec_fingerprint: str = ""  # of the spec that produced it (jp_peft.run_state): a rerun keeps it only if equal
 
     @property
     def base_val_ppl_ja(self) -> float:

@@ -4,6 +4,7 @@
     OUTPUT_DIR/GROUP/data/prepared.json          what the data stage prepared
     OUTPUT_DIR/GROUP/launches/                   NeMo-Run experiment dirs (task logs)
     OUTPUT_DIR/NAME/spec.json                    the resolved spec of the run
+    OUTPUT_DIR/NAME/.jp-peft.lock                held by the launch using the run (also in GROUP/)
     OUTPUT_DIR/NAME/{cpt,sft}/metrics.json       the stage's metrics record (jp_peft.metrics)
     OUTPUT_DIR/NAME/{cpt,sft}/train_log.jsonl    per-step and per-validation rows
     OUTPUT_DIR/NAME/{cpt,sft}/val_baseline.json  the starting model's held-out losses (Megatron)
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from jp_peft.spec import ExperimentSpec
+
+
+LOCK_NAME = ".jp-peft.lock"
 
 
 class MissingRecord(FileNotFoundError):
@@ -70,8 +74,22 @@ def launches_dir(spec: ExperimentSpec) -> Path:
     return spec.group_dir / "launches"
 
 
+def lock_file(directory: Path) -> Path:
+    """Held (fcntl) by the launch using a run or group directory; holds who that is."""
+    return Path(directory) / LOCK_NAME
+
+
+def jobs_file(directory: Path) -> Path:
+    """Slurm job ids of the last launch into a directory (a new launch waits for them)."""
+    return Path(directory) / ".jp-peft.jobs.json"
+
+
 def spec_file(spec: ExperimentSpec) -> Path:
-    return spec.run_dir / "spec.json"
+    return spec_file_of(spec.run_dir)
+
+
+def spec_file_of(run_dir: Path) -> Path:
+    return Path(run_dir) / "spec.json"
 
 
 def stage_dir(spec: ExperimentSpec, stage: str) -> Path:

@@ -235,7 +235,11 @@ class ExperimentSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
-        _require(bool(self.name) and "/" not in self.name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                 f"must be a non-empty name without '/' (a directory under output_dir), got {self.name!r}")
+        _require(self.group is None or (bool(self.group) and "/" not in self.group and self.group not in (".", "..")),
+                 "group", f"must be a name without '/', got {self.group!r}")
+        _require(len(self.stages) > 0, "stages", "nothing to run: name at least one of " + ", ".join(STAGES))
         _choice(self.backend, BACKENDS, "backend")
         for stage in self.stages:
             _choice(stage, STAGES, "stages")
@@ -346,7 +350,10 @@ def build(cls, values: dict[str, Any], path: str = ""):
             raise SpecError(f"{where}: unknown field" + (f"; did you mean {hint[0]!r}?" if hint else
                                                           f"; known fields: {', '.join(sorted(known))}"))
         nested = _NESTED.get(cls, {}).get(key)
-        kwargs[key] = build(nested, value, where) if nested is not None else value
+        if nested is not None:
+            kwargs[key] = build(nested, value, where)
+        else:
+            kwargs[key] = _checked(value, _field_types(cls)[key], where)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # e.g. a list where a number belongs
@@ -357,6 +364,48 @@ def build(cls, values: dict[str, Any], path: str = ""):
         if path and "." in path and message.startswith(section + "."):
             raise SpecError(path + message[len(section):]) from None
         raise
+
+
+def _field_types(cls) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _checked(value: Any, annotation: Any, where: str) -> Any:
+    """`value` if it is what the field's annotation says (ints are floats where floats go; YAML's
+    `true` is never a number); otherwise a SpecError naming the field and what it expected."""
+    import types
+    import typing
+
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        origin = typing.get_origin(option) or option
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin in (tuple, list) and isinstance(value, (list, tuple)):
+            (item_type, *_) = typing.get_args(option) or (Any,)
+            if item_type is Any or item_type is Ellipsis:
+                return value
+            return tuple(_checked(v, item_type, f"{where}[{i}]") if not dataclasses.is_dataclass(item_type) else v
+                         for i, v in enumerate(value))
+        if origin is dict and isinstance(value, dict):
+            return value
+        if dataclasses.is_dataclass(origin) and isinstance(value, (dict, origin)):
+            return value
+        if option is Any:
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise SpecError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -403,26 +452,41 @@ def load_preset(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"--preset: {path} does not exist or is not a file")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: invalid YAML: {exc}") from None
-    for stage in ("cpt", "sft"):
-        data = values.get(stage, {}).get("data", {})
-        if isinstance(data.get("blend"), str):
-            blend = Path(data["blend"])
-            if not blend.is_absolute() and not blend.exists():
-                blend = Path(__file__).resolve().parents[2] / blend  # relative to the repo
-            data["blend"] = load_blend(blend)
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text") from None
+    if not isinstance(values, dict):
+        raise SpecError(f"{path}: a preset is a mapping of spec fields, got a {type(values).__name__}")
+    inline_blend_files(values)
     return values
 
 
-def load_blend(path: str | os.PathLike) -> list[dict[str, Any]]:
+def inline_blend_files(values: dict[str, Any]) -> None:
+    """`cpt.data.blend: path.yaml` (in a preset or as an override) -> the file's datasets; relative
+    paths resolve from the current directory, then from the repo (the bundled blends)."""
+    for stage in ("cpt", "sft"):
+        section = values.get(stage)
+        data = section.get("data") if isinstance(section, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("blend"), str):
+            given = blend = Path(data["blend"])
+            if not blend.is_absolute() and not blend.exists():
+                blend = Path(__file__).resolve().parents[2] / blend  # relative to the repo
+            if not blend.is_file():
+                raise SpecError(f"{stage}.data.blend: blend file {given} does not exist")
+            data["blend"] = load_blend(blend, field=f"{stage}.data.blend")
+
+
+def load_blend(path: str | os.PathLike, field: str = "data.blend") -> list[dict[str, Any]]:
     import yaml
 
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"data.blend: blend file {path} does not exist")
+    if not path.is_file():
+        raise SpecError(f"{field}: blend file {path} does not exist")
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

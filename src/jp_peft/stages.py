@@ -7,6 +7,7 @@ backend's (jp_peft.backends.stages_of). Every stage ends by writing its record
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 from jp_peft import rundir
 from jp_peft.backends import stages_of
 from jp_peft.metrics import read_stage_metrics, relative_forgetting, relative_gain
-from jp_peft.spec import TRAINED_STAGES, ExperimentSpec, experiment_from_dict
+from jp_peft.run_state import fingerprint
+from jp_peft.spec import SHARED_STAGES, TRAINED_STAGES, ExperimentSpec, experiment_from_dict
 
 
 def _log(msg: str) -> None:
@@ -94,6 +96,7 @@ def _summary(report: dict) -> dict:
 
 def run_train(exp: ExperimentSpec, stage: str, recipe=None):
     metrics = stages_of(exp.backend).train(exp, stage, recipe)
+    metrics = dataclasses.replace(metrics, spec_fingerprint=fingerprint(exp))
     metrics.write(rundir.metrics_file(exp, stage))
     _log(f"{stage}: ja ppl {metrics.base_val_ppl_ja:.2f} -> {metrics.val_ppl_ja:.2f}, "
          f"en ppl {metrics.base_val_ppl_en:.2f} -> {metrics.val_ppl_en:.2f}, {metrics.wall_seconds:.1f} s")
@@ -103,7 +106,7 @@ def run_train(exp: ExperimentSpec, stage: str, recipe=None):
 def run_export(exp: ExperimentSpec, target: str) -> dict:
     if target not in TRAINED_STAGES:
         raise ValueError(f"export: --target must be one of {', '.join(TRAINED_STAGES)}, got {target!r}")
-    record = stages_of(exp.backend).export(exp, target)
+    record = stages_of(exp.backend).export(exp, target) | {"spec_fingerprint": fingerprint(exp)}
     rundir.write_json(rundir.export_record(exp, target), record)
     return record
 
@@ -123,7 +126,7 @@ def run_eval(exp: ExperimentSpec) -> dict:
                      "steps": m.steps, "tokens_per_second": m.tokens_per_second, "wall_seconds": m.wall_seconds,
                      "adapter": exported.get("hf_adapter"), "merged": exported.get("hf_merged")})
     summary = {"experiment": exp.name, "group": exp.group_name, "backend": exp.backend, "stages": rows,
-               "written": time.time()}
+               "written": time.time(), "spec_fingerprint": fingerprint(exp)}
     rundir.write_json(rundir.summary_file(exp), summary)
     print(format_summary(summary), flush=True)
     return summary
@@ -144,11 +147,24 @@ def format_summary(summary: dict) -> str:
 
 # --- the task entry point ---------------------------------------------------------------------
 
+def finished_earlier(record: Path, spec_fingerprint: str) -> bool:
+    try:
+        return rundir.read_json(record, "record").get("spec_fingerprint") == spec_fingerprint
+    except (rundir.MissingRecord, AttributeError):
+        return False
+
+
 def run_stage(spec: dict, stage: str, target: str | None = None, recipe=None):
     """Single entry point of every NeMo-Run task, both backends. `recipe` is the built NeMo recipe of
     a Megatron import or training stage (a functools.partial of llm.import_ckpt / llm.finetune)."""
     exp = experiment_from_dict(spec)
     started = time.perf_counter()
+    if stage not in SHARED_STAGES:  # the shared stages are idempotent by themselves (reused checkpoint, prefixes)
+        record = rundir.stage_record(exp, stage, target)
+        if finished_earlier(record, fingerprint(exp)):
+            _log(f"{stage}{' ' + target if target else ''}: done earlier with the same spec ({record}); kept")
+            return None
+        record.unlink(missing_ok=True)  # a stage that runs again never leaves an older record looking current
     try:
         if stage == "import":
             return run_import(exp, recipe)

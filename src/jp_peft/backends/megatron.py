@@ -83,6 +83,9 @@ def use_cpu(recipe: run.Partial, spec: ExperimentSpec, stage: str) -> None:
     # the default dp_reshardable optimizer checkpoint asserts on (distrib_optimizer.py:1646)
     recipe.trainer.strategy.ckpt_optim_fully_reshardable = True
     recipe.trainer.strategy.distrib_optim_fully_reshardable_mem_efficient = True
+    # Saves write in this process: the async writer is a forked child in the stage's process group, which a
+    # stop (SIGTERM to the group) would kill mid-write, leaving the preemption checkpoint unfinished
+    recipe.trainer.strategy.ckpt_async_save = False
     recipe.data.num_workers = 0  # two cores: loader workers would only compete with the training process
     if stage == "sft":  # packed (THD) attention is Transformer Engine only: unpacked, micro batches as in the spec
         recipe.data.packed_sequence_specs = None

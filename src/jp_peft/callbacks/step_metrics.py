@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from jp_peft.callbacks.flops import peak_tflops
+from jp_peft.progress import progress_line
 
 
 def peak_memory_mb() -> float:
@@ -147,16 +148,6 @@ def truncate_log(log_path: Path, global_step: int) -> None:
     keep = [line + "\n" for line in log_path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("trainer/global_step", 0) <= global_step]
     log_path.write_text("".join(keep), encoding="utf-8")
-
-
-def progress_line(stage: str, step: int, max_steps: int, loss: float | None, tokens_per_s: float,
-                  step_seconds: list[float]) -> str:
-    """`[jp-peft] cpt step 12/40 loss 6.5123 3,410 tok/s ETA 0:00:15`: what the launcher shows per stage."""
-    recent = step_seconds[-20:]
-    eta = int(sum(recent) / len(recent) * max(max_steps - step, 0)) if recent else 0
-    loss_text = f"{loss:.4f}" if loss is not None else "n/a"
-    return (f"[jp-peft] {stage} step {step}/{max_steps} loss {loss_text} {tokens_per_s:,.0f} tok/s "
-            f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
 
 
 def _loss_of(outputs, trainer) -> float | None:
