@@ -107,14 +107,10 @@ def run_local(tasks: list[PlannedTask], executor_for, recipes, base_dir: Path) -
     starts no other."""
     import signal
 
-    # torchx's local scheduler puts in handlers of its own that raise SignalException
     from torchx.schedulers.local_scheduler import SignalException
 
-    def interrupt(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     outcome: dict[str, str] = {}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = time.perf_counter()
     try:
         for task in tasks:
@@ -140,22 +136,33 @@ def run_local(tasks: list[PlannedTask], executor_for, recipes, base_dir: Path) -
 
 def run_one(task: PlannedTask, executor_for, recipes, base_dir: Path) -> str:
     """Run one task through NeMo-Run's local executor and wait; "done" only if it wrote a current record."""
+    import signal
+
     from jp_peft.experiment import task_config
-    from jp_peft.stages import finished_earlier
     from jp_peft.run_state import fingerprint
+    from jp_peft.stages import finished_earlier
 
     exp = new_experiment(task.name, base_dir, quiet=True)
     watcher = ProgressWatcher(task)
+
+    def stop(signum, frame):
+        # Stop the task here, in the handler: the exception below unwinds through NeMo-Run's thread pool,
+        # which waits for the task. torchx sends SIGTERM to the task's process group (the stage saves at the
+        # end of its step and exits), SIGKILL after 10 s.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cancellation short
+        exp.cancel(task.name)
+        raise Interrupted(signal.Signals(signum).name)
+
     print(f"[jp-peft] {task.name}: started", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     watcher.start()
     try:
         with exp:  # leaving the block waits for the task
             exp.add(task_config(task, recipes), executor=executor_for(task), name=task.name, tail_logs=False)
             exp.run(sequential=True, detach=False, tail_logs=False)
-    except BaseException:
-        # Ctrl-C/SIGTERM: SIGTERM to the task's process group, SIGKILL 10 s later (torchx's local scheduler)
-        exp.cancel(task.name)
-        raise
+            for sig in (signal.SIGINT, signal.SIGTERM):  # torchx's scheduler put in handlers of its own
+                signal.signal(sig, stop)
     finally:
         watcher.stop()
     record = task_record(task)
