@@ -219,11 +219,12 @@ def parameter_count(config) -> int:
 
 
 def write_random_base(out: Path, seed: int = 0) -> dict:
-    """Qwen2.5-0.5B's architecture with random weights (transformers' own init), saved in fp32 with a
+    """Qwen2.5-0.5B's architecture with random weights (transformers' own init), saved with a
     Qwen2-compatible byte-level BPE tokenizer (jp_peft.tiny's: its ids are valid in the 152k vocabulary).
-    fp32, not the real checkpoint's bf16: NeMo 2.7.3's importer without Transformer Engine fails on a bf16
-    source (io/state.py apply_transforms dtype assertion on the local spec's norms); throughput does not
-    depend on the stored dtype, training runs bf16-mixed either way."""
+    The weights are bf16 values, as in the real checkpoint (so a bf16 merge rounds only what LoRA added),
+    stored as fp32: NeMo 2.7.3's importer without Transformer Engine fails on a bf16 source (io/state.py
+    apply_transforms asserts on the dtypes of the local spec's norms). Throughput does not depend on
+    either: training runs bf16-mixed."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -235,9 +236,13 @@ def write_random_base(out: Path, seed: int = 0) -> dict:
     build_tokenizer(tmp)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(qwen25_05b_config(), torch_dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16).to(torch.float32))
     model.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, out)
-    return {"source": "random weights from Qwen2.5-0.5B's config (transformers init, seed 0)", "dtype": "float32",
+    return {"source": "random weights from Qwen2.5-0.5B's config (transformers init, seed 0)",
+            "dtype": "float32 holding bf16 values",
             "tokenizer": "jp_peft.tiny byte-level BPE (Qwen2 pre-tokenizer and special tokens, 2,048 ids)"}
 
 
@@ -786,7 +791,8 @@ class Bench:
                 record = self.trial(config, seq, first, steps, parity_run=is_parity)
                 last_wall[config] = record["wall_seconds"]
                 if record["status"] == "ok" and steps > args.steps:  # what a sweep trial of args.steps would take
-                    last_wall[config] -= record["step_time_s"]["median"] * (steps - args.steps)
+                    last_wall[config] = max(record["wall_seconds"] * args.steps / steps, record["wall_seconds"]
+                                            - record["step_time_s"]["median"] * (steps - args.steps))
                 if is_parity:
                     parity_spec = trial_spec(args, self.base, trial_name(config, seq, first), "megatron", seq, first,
                                              steps)
