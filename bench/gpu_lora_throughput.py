@@ -7,9 +7,9 @@ the bundled Japanese corpus, each at every micro batch of a sweep until one does
                  run by jp-peft's stage runner (jp_peft.stages.run_stage), under torchrun
   hf_backend     jp-peft's hf backend (backends/hf_stages.py train: transformers + peft + Lightning)
   plain_hf_peft  a plain transformers + peft loop: bf16 weights, sdpa attention, AdamW
-Then the parity run (the Megatron trial of the first micro batch, --parity-steps long) goes through
-the run's own export stage, and a CPU fp32 check loads its adapter with HF+PEFT and compares logits
-with NeMo's on 32 Japanese prompts, and exports the imported base back to HF ("hf") to compare weights.
+Then the parity run (Megatron at its best micro batch, --parity-steps long) goes through the run's own
+export stage, and a CPU fp32 check loads its adapter with HF+PEFT and compares logits with NeMo's on 32
+Japanese prompts, and exports the imported base back to HF ("hf") to compare the weights.
 
 On a GPU (one H100/H200; ~8 minutes with the defaults; later sweep points are skipped, and say so,
 when --time-budget would be exceeded):
@@ -69,6 +69,9 @@ RESULT_FIELDS = ("benchmark", "mode", "complete", "failed_step", "error", "comma
                  "parity", "steps")
 TRIAL_FIELDS = ("config", "seq_length", "micro_batch", "global_batch", "status", "steps", "measured_steps",
                 "tokens_per_s", "tflops_per_s", "mfu", "peak_memory_mb", "step_time_s", "wall_seconds", "log")
+# Seconds the export stage and the CPU parity checks take on the 0.5B model (an estimate that keeps time
+# for them in the budget; the first GPU run's `steps` records the real ones).
+PARITY_CHECKS_S = 180.0
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED", "out of memory")
 
 
@@ -539,6 +542,7 @@ class Bench:
                     "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         self.base: Path | None = None
         self.flops: dict[int, float] = {}
+        self.last_wall: dict[str, float] = {}  # seconds of each configuration's last trial
 
     # progress and results ------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -673,9 +677,10 @@ class Bench:
         }
         self.write()
 
-    def trial(self, config: str, seq: int, micro: int, steps: int, parity_run: bool = False) -> dict:
-        name = trial_name(config, seq, micro)
-        step = f"{config} seq {seq} micro {micro}"
+    def trial(self, config: str, seq: int, micro: int, steps: int, parity_run: bool = False,
+              name: str | None = None) -> dict:
+        name = name or trial_name(config, seq, micro)
+        step = f"{config} seq {seq} micro {micro}" + (" (parity run)" if parity_run else "")
         backend = {"megatron": "megatron", "hf_backend": "hf", "plain_hf_peft": "hf"}[config]
         spec = trial_spec(self.args, self.base, name, backend, seq, micro, steps)
         from jp_peft import rundir
@@ -770,9 +775,18 @@ class Bench:
     def fits_budget(self, estimate: float) -> bool:
         return self.elapsed() + estimate <= self.args.time_budget
 
+    def parity_reserve(self) -> float:
+        """Seconds to keep for the parity run still to come: a Megatron trial's start-up and steps, the
+        export and the CPU checks (PARITY_CHECKS_S, a guess until a GPU run has measured it)."""
+        wall = self.last_wall.get("megatron", 0.0)
+        trials = [t for t in self.result["configurations"].get("megatron", {}).get("trials", []) if t["status"] == "ok"]
+        step = trials[-1]["step_time_s"]["median"] if trials else 0.0
+        return wall + step * max(0, self.args.parity_steps - self.args.steps) + PARITY_CHECKS_S
+
     def run(self) -> None:
-        """Setup, then per sequence length: every configuration at the first micro batch (Megatron's is the
-        parity run), the export and parity checks, then the rest of the sweep while the time budget allows."""
+        """Setup; then per sequence length: every configuration at the first micro batch, the rest of the
+        sweep while the time budget allows (keeping time for the parity run), and after the first sequence
+        length the parity run (Megatron at its best micro batch for --parity-steps), its export and checks."""
         args = self.args
         for name, action in (("environment", self.check_environment), ("base model", self.prepare_base),
                              ("workload", self.describe_workload), ("shared stages", self.shared_stages)):
@@ -781,37 +795,49 @@ class Bench:
             action()
             if name != "shared stages":
                 self.step_done(name, started)
-        last_wall: dict[str, float] = {}
-        for index, seq in enumerate(args.seq):
-            first = args.micro_batches[0]
-            parity_spec = None
+        parity_due = "megatron" in args.configs
+        for seq in args.seq:
+            reuse = parity_due and args.parity_steps <= args.steps  # the first Megatron trial is long enough
             for config in args.configs:
-                is_parity = config == "megatron" and index == 0
-                steps = max(args.parity_steps, args.steps) if is_parity else args.steps
-                record = self.trial(config, seq, first, steps, parity_run=is_parity)
-                last_wall[config] = record["wall_seconds"]
-                if record["status"] == "ok" and steps > args.steps:  # what a sweep trial of args.steps would take
-                    last_wall[config] = max(record["wall_seconds"] * args.steps / steps, record["wall_seconds"]
-                                            - record["step_time_s"]["median"] * (steps - args.steps))
-                if is_parity:
-                    parity_spec = trial_spec(args, self.base, trial_name(config, seq, first), "megatron", seq, first,
-                                             steps)
-            if parity_spec is not None:
-                self.parity(parity_spec)
-            oom_at: dict[str, int] = {}  # a config's smallest micro batch that did not fit
-            for micro in args.micro_batches[1:]:
-                for config in args.configs:
-                    if config in oom_at and micro >= oom_at[config]:
-                        self.skipped(config, seq, micro, f"micro batch {oom_at[config]} did not fit")
-                    elif not self.fits_budget(last_wall.get(config, 0.0) * 1.2):
-                        self.skipped(config, seq, micro, f"time budget {args.time_budget:.0f} s")
-                    else:
-                        record = self.trial(config, seq, micro, args.steps)
-                        last_wall[config] = record["wall_seconds"]
-                        if record["status"] == "oom":
-                            oom_at[config] = min(micro, oom_at.get(config, micro))
+                record = self.trial(config, seq, args.micro_batches[0], args.steps,
+                                    parity_run=reuse and config == "megatron")
+                self.last_wall[config] = record["wall_seconds"]
+            self.sweep(seq, parity_pending=parity_due and not reuse)
+            if parity_due:
+                self.parity_run(seq, reuse)
+                parity_due = False
         self.result["complete"] = True
         self.write()
+
+    def sweep(self, seq: int, parity_pending: bool) -> None:
+        """The other micro batches, smallest first per configuration; one that does not fit ends that
+        configuration's sweep, and no trial starts that would end past the time budget."""
+        oom_at: dict[str, int] = {}
+        for micro in self.args.micro_batches[1:]:
+            for config in self.args.configs:
+                reserve = self.parity_reserve() if parity_pending else 0.0
+                if config in oom_at and micro >= oom_at[config]:
+                    self.skipped(config, seq, micro, f"micro batch {oom_at[config]} did not fit")
+                elif not self.fits_budget(self.last_wall.get(config, 0.0) * 1.2 + reserve):
+                    self.skipped(config, seq, micro, f"time budget {self.args.time_budget:.0f} s")
+                else:
+                    record = self.trial(config, seq, micro, self.args.steps)
+                    self.last_wall[config] = record["wall_seconds"]
+                    if record["status"] == "oom":
+                        oom_at[config] = micro
+
+    def parity_run(self, seq: int, reuse: bool) -> None:
+        args = self.args
+        if reuse:
+            micro, steps, name = args.micro_batches[0], args.steps, trial_name("megatron", seq, args.micro_batches[0])
+        else:
+            best = self.result["configurations"]["megatron"]["best"].get(str(seq))
+            if best is None:
+                raise BenchError("parity run: no Megatron trial fitted on this GPU")
+            micro, steps = best["micro_batch"], args.parity_steps
+            name = trial_name("megatron", seq, micro) + "-parity"
+            self.trial("megatron", seq, micro, steps, parity_run=True, name=name)
+        self.parity(trial_spec(args, self.base, name, "megatron", seq, micro, steps))
 
 
 def echo(line: str) -> bool:
@@ -836,27 +862,28 @@ def parse_args(argv):
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--seq", nargs="+", type=int, help="sequence lengths (default 2048; 128 with --tiny)")
     parser.add_argument("--micro-batches", nargs="+", type=int,
-                        help="micro batch sweep, run in this order; the first is every configuration's and the "
-                        "parity run's (default 4 8 16; 2 4 with --tiny)")
+                        help="micro batch sweep, smallest first: every configuration runs the first, the others "
+                        "while they fit and the time budget allows (default 4 8 16; 2 4 with --tiny)")
     parser.add_argument("--global-batch", type=int, help="sequences per optimizer step (at least the micro batch; "
                         "default 16, the preset's; 4 with --tiny)")
     parser.add_argument("--steps", type=int, help="optimizer steps of a sweep trial (default 20; 6 with --tiny)")
     parser.add_argument("--warmup", type=int, help="steps left out of the medians (default 5; 2 with --tiny)")
-    parser.add_argument("--parity-steps", type=int, help="LoRA steps of the Megatron parity run (default 200; 8 with --tiny)")
+    parser.add_argument("--parity-steps", type=int, help="LoRA steps of the Megatron parity run, at Megatron's best "
+                        "micro batch (default 200; 6 with --tiny: at most --steps, the first trial is the parity run)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
     parser.add_argument("--prompts", type=int, default=32, help="Japanese prompts of the logit comparison")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
-    parser.add_argument("--time-budget", type=float, help="seconds after which no further sweep trial starts "
-                        "(default 420 on a GPU; 1800 with --tiny)")
+    parser.add_argument("--time-budget", type=float, help="seconds the whole run should take: a sweep trial starts "
+                        "only if it and the parity run still to come fit (default 450 on a GPU; 1800 with --tiny)")
     parser.add_argument("--worker-timeout", type=float, default=900.0, help="seconds one worker process may run")
     parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a new one under /tmp)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results", help="where the JSON goes")
     parser.add_argument("--dryrun", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
-    defaults = {"seq": [128], "micro_batches": [2, 4], "global_batch": 4, "steps": 6, "warmup": 2, "parity_steps": 8,
+    defaults = {"seq": [128], "micro_batches": [2, 4], "global_batch": 4, "steps": 6, "warmup": 2, "parity_steps": 6,
                 "time_budget": 1800.0} if args.tiny else {
         "seq": [2048], "micro_batches": [4, 8, 16], "global_batch": 16, "steps": 20, "warmup": 5, "parity_steps": 200,
-        "time_budget": 420.0}
+        "time_budget": 450.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -877,21 +904,21 @@ def plan_lines(args) -> list[str]:
              "1. environment, base model "
              + ("(embedded tiny Qwen2)" if args.tiny else f"({args.hf_model or 'Qwen2.5-0.5B config, random weights'})"),
              "2. shared stages: import, data"]
-    n = 3
+    reuse = args.parity_steps <= args.steps
     for index, seq in enumerate(args.seq):
         for config in args.configs:
-            steps = max(args.parity_steps, args.steps) if config == "megatron" and index == 0 else args.steps
-            lines.append(f"{n}. {config} seq {seq} micro {args.micro_batches[0]}: {steps} steps"
-                         + (" (the parity run)" if config == "megatron" and index == 0 else ""))
-            n += 1
-        if index == 0 and "megatron" in args.configs:
-            lines.append(f"{n}. export of the parity run; parity on {args.prompts} prompts; import -> export hf")
-            n += 1
+            parity = index == 0 and reuse and config == "megatron"
+            lines.append(f"{len(lines)}. {config} seq {seq} micro {args.micro_batches[0]}: {args.steps} steps"
+                         + (" (the parity run)" if parity else ""))
         for micro in args.micro_batches[1:]:
             for config in args.configs:
-                lines.append(f"{n}. {config} seq {seq} micro {micro}: {args.steps} steps (if it fits, and within "
-                             f"{args.time_budget:.0f} s)")
-                n += 1
+                lines.append(f"{len(lines)}. {config} seq {seq} micro {micro}: {args.steps} steps (if it fits, and "
+                             f"within {args.time_budget:.0f} s)")
+        if index == 0 and "megatron" in args.configs:
+            if not reuse:
+                lines.append(f"{len(lines)}. megatron seq {seq} at its best micro batch: {args.parity_steps} steps "
+                             "(the parity run)")
+            lines.append(f"{len(lines)}. export of the parity run; parity on {args.prompts} prompts; import -> export hf")
     return lines
 
 

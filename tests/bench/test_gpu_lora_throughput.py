@@ -234,14 +234,14 @@ def _fake_bench(tmp_path, monkeypatch, argv, oom=(), calls=None):
 
 
 @pytest.mark.unit
-def test_sweep_order_out_of_memory_and_best_micro_batch(tmp_path, monkeypatch):
-    b, calls = _fake_bench(tmp_path, monkeypatch, ["--tiny", "--micro-batches", "2", "4", "8"],
+def test_sweep_order_out_of_memory_best_micro_batch_and_parity_run(tmp_path, monkeypatch):
+    b, calls = _fake_bench(tmp_path, monkeypatch, ["--tiny", "--micro-batches", "2", "4", "8", "--parity-steps", "8"],
                            oom={("hf_backend", 4)})
     b.run()
-    assert calls == [("megatron", 2, 8, True), ("hf_backend", 2, 6, False), ("plain_hf_peft", 2, 6, False),
-                     ("parity", "megatron-s128-mb2", 8),
+    assert calls == [("megatron", 2, 6, True), ("hf_backend", 2, 6, False), ("plain_hf_peft", 2, 6, False),
                      ("megatron", 4, 6, True), ("hf_backend", 4, 6, False), ("plain_hf_peft", 4, 6, False),
-                     ("megatron", 8, 6, True), ("plain_hf_peft", 8, 6, False)]
+                     ("megatron", 8, 6, True), ("plain_hf_peft", 8, 6, False),
+                     ("megatron", 8, 8, True), ("parity", "megatron-s128-mb8-parity", 8)]  # at the best micro batch
     result = json.loads(b.path.read_text())
     assert result["complete"] is True and result["mode"] == "tiny-cpu" and result["targets"] is None
     hf = result["configurations"]["hf_backend"]["trials"]
@@ -254,21 +254,34 @@ def test_sweep_order_out_of_memory_and_best_micro_batch(tmp_path, monkeypatch):
     assert result["ratios"]["128"] == {"megatron_over_plain": pytest.approx(5.0),
                                        "megatron_over_hf_backend": pytest.approx(8000 / 600),
                                        "hf_backend_over_plain": pytest.approx(600 / 1600)}
-    parity_trial = result["configurations"]["megatron"]["trials"][0]
+    parity_trial = result["configurations"]["megatron"]["trials"][-1]
     assert parity_trial["parity_run"] is True and parity_trial["steps"] == 8 and parity_trial["measured_steps"] == 6
     for trial in (t for e in result["configurations"].values() for t in e["trials"] if t["status"] == "ok"):
         assert set(bench.TRIAL_FIELDS) <= set(trial)
 
 
 @pytest.mark.unit
-def test_the_time_budget_skips_sweep_points_but_never_the_first(tmp_path, monkeypatch):
+def test_the_time_budget_skips_sweep_points_but_never_the_first_nor_the_parity_run(tmp_path, monkeypatch):
     b, calls = _fake_bench(tmp_path, monkeypatch, ["--tiny", "--micro-batches", "2", "4", "--time-budget", "0"])
     b.run()
-    assert [c[:2] for c in calls] == [("megatron", 2), ("hf_backend", 2), ("plain_hf_peft", 2),
-                                      ("parity", "megatron-s128-mb2")]
+    # --parity-steps (6) <= --steps (6): the first Megatron trial is the parity run
+    assert calls == [("megatron", 2, 6, True), ("hf_backend", 2, 6, False), ("plain_hf_peft", 2, 6, False),
+                     ("parity", "megatron-s128-mb2", 6)]
     result = json.loads(b.path.read_text())
     skipped = [t for e in result["configurations"].values() for t in e["trials"] if t["status"] == "skipped"]
     assert len(skipped) == 3 and all(t["reason"] == "time budget 0 s" and t["micro_batch"] == 4 for t in skipped)
+    assert result["configurations"]["megatron"]["trials"][0]["parity_run"] is True
+
+
+@pytest.mark.unit
+def test_the_budget_keeps_time_for_the_parity_run(tmp_path, monkeypatch):
+    """A sweep trial that fits the budget alone, but not with the parity run still to come, is skipped."""
+    b, calls = _fake_bench(tmp_path, monkeypatch, ["--tiny", "--micro-batches", "2", "4", "--parity-steps", "106",
+                                                    "--time-budget", "1000", "--configs", "megatron"])
+    b.run()
+    # reserve: the last Megatron trial's wall (~0 s) + its median step (16.384 s) x 100 more steps + PARITY_CHECKS_S
+    assert b.parity_reserve() == pytest.approx(16.384 * 100 + bench.PARITY_CHECKS_S, abs=1.0)
+    assert calls == [("megatron", 2, 6, True), ("megatron", 2, 106, True), ("parity", "megatron-s128-mb2-parity", 106)]
 
 
 @pytest.mark.unit
@@ -276,7 +289,7 @@ def test_gpu_mode_records_targets_and_a_failed_step(tmp_path, monkeypatch):
     """On a GPU the targets are judged in the results; a failing worker ends the run naming its step,
     and the results file keeps what was measured before."""
     b, calls = _fake_bench(tmp_path, monkeypatch, ["--micro-batches", "4", "8", "--configs", "megatron",
-                                                    "plain_hf_peft"])
+                                                    "plain_hf_peft", "--time-budget", "1e6"])
     b.peak = 989.0
     real = b.worker
 
@@ -287,7 +300,7 @@ def test_gpu_mode_records_targets_and_a_failed_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(b, "worker", failing)
     monkeypatch.setattr(bench, "Bench", lambda args, argv: b)
-    assert bench.main(["--micro-batches", "4", "8", "--configs", "megatron", "plain_hf_peft",
+    assert bench.main(["--micro-batches", "4", "8", "--configs", "megatron", "plain_hf_peft", "--time-budget", "1e6",
                        "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "results")]) == 1
     result = json.loads(b.path.read_text())
     assert result["complete"] is False and result["failed_step"] == "plain_hf_peft seq 2048 micro 8"
@@ -303,9 +316,10 @@ def test_gpu_mode_records_targets_and_a_failed_step(tmp_path, monkeypatch):
 def test_dryrun_prints_the_plan(capsys, tmp_path):
     assert bench.main(["--dryrun", "--seq", "2048", "4096", "--work-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "megatron seq 2048 micro 4: 200 steps (the parity run)" in out
-    assert "export of the parity run; parity on 32 prompts" in out
-    assert "plain_hf_peft seq 4096 micro 16: 20 steps" in out and "seq 4096 micro 4: 200" not in out
+    assert "3. megatron seq 2048 micro 4: 20 steps\n" in out
+    assert "12. megatron seq 2048 at its best micro batch: 200 steps (the parity run)" in out
+    assert "13. export of the parity run; parity on 32 prompts" in out
+    assert "22. plain_hf_peft seq 4096 micro 16: 20 steps" in out and "4096 at its best" not in out
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -323,7 +337,7 @@ def test_argument_errors():
 
 @pytest.mark.unit
 def test_report_renders_the_gpu_table_from_gpu_results_only(tmp_path, monkeypatch):
-    b, _ = _fake_bench(tmp_path, monkeypatch, ["--micro-batches", "4", "8"])
+    b, _ = _fake_bench(tmp_path, monkeypatch, ["--micro-batches", "4", "8", "--time-budget", "1e6"])
     b.peak = 989.0
     b.result["machine"].update(gpu="NVIDIA H200", driver="580.159.04", gpu_memory="143771 MiB")
     b.run()
@@ -388,9 +402,9 @@ def test_tiny_run_measures_every_configuration(tiny_results):
         assert best["step_time_s"]["p10"] <= best["step_time_s"]["median"] <= best["step_time_s"]["p90"]
         assert set(bench.TRIAL_FIELDS) <= set(best)
     megatron = result["configurations"]["megatron"]["trials"][0]
-    assert megatron["parity_run"] is True and megatron["steps"] == 8
+    assert megatron["parity_run"] is True and megatron["steps"] == 6
     rows = [json.loads(x) for x in Path(megatron["log"]).read_text().splitlines()]
-    assert [r["trainer/global_step"] for r in rows if "perf/tokens_per_s" in r] == list(range(1, 9))
+    assert [r["trainer/global_step"] for r in rows if "perf/tokens_per_s" in r] == list(range(1, 7))
     for seq, ratios in result["ratios"].items():
         assert set(ratios) == {"megatron_over_plain", "megatron_over_hf_backend", "hf_backend_over_plain"}
         assert all(v > 0 for v in ratios.values())
@@ -403,7 +417,7 @@ def test_tiny_run_measures_every_configuration(tiny_results):
 def test_tiny_run_parity_numbers(tiny_results):
     parity = tiny_results[0]["parity"]
     agreement = parity["nemo_vs_peft"]
-    assert parity["steps"] == 8 and parity["prompts"] == 32 and parity["prompt_tokens"] == 64
+    assert parity["steps"] == 6 and parity["prompts"] == 32 and parity["prompt_tokens"] == 64
     assert agreement["positions"] == 32 * 64
     assert agreement["max_abs_diff"] <= 1e-4  # fp32 on CPU: summation order only
     assert agreement["top1_agreement"] == 1.0 and 0.0 <= agreement["mean_kl"] <= 1e-9
