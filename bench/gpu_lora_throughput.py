@@ -23,6 +23,11 @@ are marked tiny-cpu and never rendered into the GPU table; tests/bench runs this
 What would run, without running it:
     python bench/gpu_lora_throughput.py --dryrun
 
+The environment step stops at once, naming what is missing, where the NeMo stack is not installed for
+the interpreter that runs this (pyproject.toml pins it: nemo_toolkit 2.7.3, megatron-core 0.15, nemo_run,
+transformers 4.57): the H200 image the device tool lends has torch, transformers 5, peft and lightning but
+none of NeMo, megatron-core or nemo_run, which must be carried there first (the tool's README: wheels).
+
 Writes bench/results/gpu_lora_throughput_<mode>_<time>.json (--results), rewritten after every
 step so that a run stopped early still leaves what it measured; RESULT_FIELDS lists its fields.
 Every trial runs in its own process (its own peak memory; an out-of-memory ends only that trial).
