@@ -180,6 +180,8 @@ def versions() -> dict:
                                                  timeout=30).stdout.strip() or None
     except OSError:
         found["jp_peft_commit"] = None
+    # a copy of the tree without .git (the device tool's) says which commit it is through the environment
+    found["jp_peft_commit"] = found["jp_peft_commit"] or os.environ.get("JP_PEFT_COMMIT")
     return found
 
 

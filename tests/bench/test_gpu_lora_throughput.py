@@ -435,8 +435,9 @@ def test_tiny_results_file_has_every_documented_field(tiny_results, monkeypatch)
     assert list(result) == list(bench.RESULT_FIELDS)
     assert result["command"].startswith("python bench/gpu_lora_throughput.py --tiny")
     assert result["machine"]["cpus"] >= 1 and "gpu" not in result["machine"]
-    for name in ("torch", "nemo_toolkit", "megatron-core", "transformers", "peft", "jp_peft_commit"):
+    for name in ("torch", "nemo_toolkit", "megatron-core", "transformers", "peft"):
         assert result["versions"][name], name
+    assert result["versions"]["jp_peft_commit"] or not (REPO / ".git").exists()  # a copy without .git has none
     assert result["model"]["parameters"] > 0 and result["model"]["hf_config"]["model_type"] == "qwen2"
     workload = result["workload"]
     assert workload["lora"]["rank"] == 32 and len(workload["lora"]["targets"]) == 7
