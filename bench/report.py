@@ -70,14 +70,115 @@ def smoke_section() -> list[str]:
             f"Source: `{path.relative_to(REPO)}`."]
 
 
+GPU_NAMES = {"megatron": "jp-peft Megatron backend", "hf_backend": "jp-peft hf backend",
+             "plain_hf_peft": "plain transformers + peft"}
+
+
+def latest_gpu() -> tuple[Path, dict] | None:
+    """The newest results of bench/gpu_lora_throughput.py run on a GPU (tiny/CPU runs are never rendered)."""
+    files = [f for f in sorted(RESULTS.glob("gpu_lora_throughput_gpu_*.json"))
+             if json.loads(f.read_text()).get("mode") == "gpu"]
+    return (files[-1], json.loads(files[-1].read_text())) if files else None
+
+
+def _source(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _num(value, fmt: str, empty: str = "-") -> str:
+    return empty if value is None else format(value, fmt)
+
+
+def gpu_section(found: tuple[Path, dict] | None) -> list[str]:
+    """Header, one table per sequence length (best micro batch of each configuration), the sweep, the
+    ratios and targets, and the parity checks of one results file."""
+    if not found:
+        return ["## GPU (H100 class): not measured", "",
+                "No CUDA machine was available to the sessions that wrote these benchmarks, so the GPU rows "
+                "(`bench/gpu_lora_throughput.py`: Megatron backend vs hf backend vs plain HF+PEFT, tokens/s/GPU, MFU, "
+                "memory; NeMo-vs-HF parity) are empty rather than estimated. Run `python bench/gpu_lora_throughput.py` "
+                "on one H100/H200, then `python bench/report.py`."]
+    path, r = found
+    m, v, w, model = r["machine"], r["versions"], r["workload"], r["model"]
+    te = v.get("transformer_engine") or "not installed"
+    lora = w["lora"]
+    lines = [f"## GPU: {m.get('gpu', '?')}", "",
+             f"{m.get('gpu', '?')} ({m.get('gpu_memory', '?')}, driver {m.get('driver', '?')}); torch {v.get('torch')}, "
+             f"NeMo {v.get('nemo_toolkit')}, megatron-core {v.get('megatron-core')}, Transformer Engine {te}, "
+             f"transformers {v.get('transformers')}, peft {v.get('peft')}. Model: {model.get('source')}, "
+             f"{model.get('parameters', 0):,} parameters. LoRA rank {lora['rank']} on {len(lora['targets'])} "
+             f"projections, {w['precision']}, global batch {w['global_batch']} sequences; tokens/s/GPU is the median "
+             f"of the steps after {w['warmup']} warm-up steps ({w['steps']} steps per sweep trial); MFU against "
+             f"{_num(w.get('peak_tflops'), '.0f')} TFLOP/s dense bf16. Command: `{r['command']}`."]
+    if not r.get("complete"):
+        lines += ["", f"**This run did not finish**: it stopped at step `{r.get('failed_step')}` "
+                  f"({(r.get('error') or '').splitlines()[0][:300]}). The rows below are what it measured before."]
+    for seq in w["seq_lengths"]:
+        lines += ["", f"### Sequence length {seq}", "",
+                  "| configuration | best micro batch | tokens/s/GPU | TFLOP/s | MFU | peak memory GiB | "
+                  "step time s, median (p10-p90) |", "|---|---|---|---|---|---|---|"]
+        for config, entry in r["configurations"].items():
+            best = entry["best"].get(str(seq))
+            if not best:
+                lines.append(f"| {GPU_NAMES.get(config, config)} | - | not measured | | | | |")
+                continue
+            t = best["step_time_s"]
+            memory = best["peak_memory_mb"] / 1024 if best.get("peak_memory_mb") else None
+            lines.append(f"| {GPU_NAMES.get(config, config)} | {best['micro_batch']} | {best['tokens_per_s']:,.0f} | "
+                         f"{best['tflops_per_s']:.1f} | {_num(best['mfu'], '.1%')} | {_num(memory, '.1f')} | "
+                         f"{t['median']:.3f} ({t['p10']:.3f}-{t['p90']:.3f}) |")
+        sweep = [f"{GPU_NAMES.get(c, c)} micro {t['micro_batch']}: "
+                 + (f"{t['tokens_per_s']:,.0f}" if t["status"] == "ok" else t["status"]
+                    + (f" ({t['reason']})" if t.get("reason") else ""))
+                 for c, entry in r["configurations"].items() for t in entry["trials"] if t["seq_length"] == seq]
+        lines += ["", "Micro batch sweep (tokens/s/GPU): " + "; ".join(sweep) + "."]
+        ratios = r["ratios"].get(str(seq), {})
+        if ratios:
+            lines += ["", "Measured in the same run: " + ", ".join(
+                f"{label} **{ratios[key]:.2f}x**" for key, label in (
+                    ("megatron_over_plain", "Megatron / plain HF+PEFT"), ("megatron_over_hf_backend", "Megatron / hf backend"),
+                    ("hf_backend_over_plain", "hf backend / plain HF+PEFT")) if key in ratios) + "."]
+    targets = r.get("targets") or {}
+    if targets:
+        tps, ratio = targets["megatron_tokens_per_s_per_gpu"], targets["megatron_over_plain"]
+        verdict = {True: "met", False: "**not met**", None: "not measured"}
+        lines += ["", f"Targets (seq {targets['seq_length']}, written for an H100): Megatron >= {tps['target']:,} "
+                  f"tokens/s/GPU: {_num(tps['measured'], ',.0f', 'none')} on {m.get('gpu', '?')}, {verdict[tps['met']]}; "
+                  f"Megatron >= {ratio['target']:.0f}x plain HF+PEFT: {_num(ratio['measured'], '.2f', 'none')}x, "
+                  f"{verdict[ratio['met']]}."]
+    lines += ["", *parity_lines(r.get("parity")), "", f"Source: `{_source(path)}`."]
+    return lines
+
+
+def parity_lines(parity: dict | None) -> list[str]:
+    if not parity:
+        return ["### NeMo vs Hugging Face parity", "", "_Not measured in this run._"]
+    a, trip = parity["nemo_vs_peft"], parity["round_trip"]
+    lines = ["### NeMo vs Hugging Face parity", "",
+             f"After {parity['steps']} LoRA steps with NeMo (run `{parity['run']}`), on {parity['prompts']} Japanese "
+             f"prompts of {parity['prompt_tokens']} tokens from data/ja/cpt.validation.jsonl, CPU fp32: "
+             f"{a['nemo_form']} vs {a['peft_form']}.", "",
+             "| check | max abs logit diff | mean KL | top-1 agreement | tolerance |", "|---|---|---|---|---|",
+             f"| NeMo vs HF+PEFT adapter ({a['positions']:,} positions) | {a['max_abs_diff']:.2e} | {a['mean_kl']:.2e} | "
+             f"{a['top1_agreement']:.4f} | |"]
+    for c in [*parity.get("import_checks", []), *parity.get("export_checks", [])]:
+        lines.append(f"| {c['check']} ({c.get('positions', '?')} positions) | {c['max_abs_diff']:.2e} | | "
+                     f"{c['argmax_agreement']:.4f} | {c['atol']:.0e}: {c.get('tolerance_reason', '')} |")
+    extra = "".join(f"; only in {side}: {', '.join(trip[key])}" for key, side in
+                    (("only_in_base", "the base"), ("only_in_export", "the export")) if trip.get(key))
+    lines += ["", f"import -> export `hf` round trip: max |weight diff| {_num(trip['max_abs_diff'], '.2e', 'none')} over "
+              f"{trip['tensors_compared']} tensors{extra}."]
+    return lines
+
+
 def main() -> int:
     text = ["# Benchmarks", "",
             "Every number below is read from a results file in `bench/results/` by `bench/report.py`; regenerate "
             "this file with `python bench/report.py` after running a benchmark.", "",
-            "## GPU (H100 class): not measured", "",
-            "No CUDA machine was available to the session that wrote these benchmarks, so the GPU rows "
-            "(`bench/gpu_lora_throughput.py`: Megatron backend vs hf backend vs plain HF+PEFT, tokens/s/GPU, MFU, "
-            "memory; NeMo-vs-HF parity) are empty rather than estimated.", "",
+            *gpu_section(latest_gpu()), "",
             "## Data preparation (CPU)", "", *data_section(), "",
             "## Training throughput on CPU", "", *cpu_section(), "",
             "## End-to-end smoke run", "", *smoke_section(), ""]
