@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from datatrove.executor import base as datatrove_base
 from datatrove.executor.local import LocalPipelineExecutor
@@ -38,6 +39,10 @@ from jp_peft.data.progress import Progress
 from jp_peft.data.workdir import WorkDir
 
 RECORDED_ERRORS = {cls.__name__: cls for cls in (StrictModeError, InputFileError, NothingKeptError, ConfigError)}
+class SlurmTaskError(WorkerError):
+    """A Slurm task did not finish, resubmitted or not: the work directory, with its logs, is kept."""
+
+
 SLURM_RETRIES = 1  # a Slurm task that died without a recorded error (node failure, OOM) is resubmitted once
 SLURM_POLL_S = 2.0
 
@@ -190,6 +195,20 @@ def load_data_profile(name: str | None):
         raise ConfigError(f"--slurm-profile: {exc}") from None
 
 
+def executor_for(inputs) -> dict[str, Any]:
+    """How the experiment's data stage prepares `inputs`: on the machine it runs on, with its usable cores;
+    or, when the stage is itself a Slurm job and the inputs reach $JP_PEFT_DATA_SLURM_MIN_GB (default 1
+    GB), as array jobs on that job's partition, one task per 256 MiB."""
+    from jp_peft.data.pool import usable_cores
+    from jp_peft.data.prepare import SHARD_BYTES
+
+    total = sum(Path(p).stat().st_size for p in inputs)
+    threshold = float(os.environ.get("JP_PEFT_DATA_SLURM_MIN_GB", "1")) * 1e9
+    if os.environ.get("SLURM_JOB_ID") and total >= threshold:
+        return {"executor": "slurm", "tasks": max(1, -(-total // SHARD_BYTES))}
+    return {"executor": "local", "workers": usable_cores()}
+
+
 # --- running the stages ----------------------------------------------------------------------------
 
 def run_stages(stages: list[tuple[str, list, int]], plan, work: WorkDir) -> None:
@@ -202,7 +221,7 @@ def run_stages(stages: list[tuple[str, list, int]], plan, work: WorkDir) -> None
         else:
             _run_on_slurm(stages, load_data_profile(cfg.slurm_profile), work)
     except WorkerError as exc:
-        raise WorkerError(f"{exc}{_stopped_where(work, plan)}") from None
+        raise type(exc)(f"{exc}{_stopped_where(work, plan)}") from None
     finally:
         if monitor:
             monitor.stop()
@@ -263,20 +282,19 @@ def _run_on_slurm(stages, profile, work: WorkDir) -> None:
         if not unfinished:
             return
         _raise_recorded_error(work)
+        stage, ranks = next(iter(unfinished.items()))  # the stages after it never started
         if attempt < SLURM_RETRIES:
-            for stage, ranks in unfinished.items():
-                retried.setdefault(stage, []).extend(ranks)
+            retried.setdefault(stage, []).extend(ranks)
             work.write_json(work.sub("retried.json"), retried)
-            print(f"prepare: Slurm tasks did not finish ({_describe(unfinished)}): resubmitting them once",
+            print(f"prepare: Slurm tasks {_ranks(ranks)} of stage {stage} did not finish: resubmitting them once",
                   file=sys.stderr, flush=True)
-    stage, ranks = next(iter(unfinished.items()))
     executor = next(e for e in executors if e.stage == stage)
-    raise WorkerError(f"Slurm task {ranks[0]} of stage {stage} did not finish after {SLURM_RETRIES} "
-                      f"resubmission ({_describe(unfinished)}); its log: {_slurm_log(executor, ranks[0])}")
+    raise SlurmTaskError(f"Slurm task {ranks[0]} of stage {stage} did not finish after {SLURM_RETRIES} "
+                         f"resubmission (tasks {_ranks(ranks)} of {stage}); its log: {_slurm_log(executor, ranks[0])}")
 
 
-def _describe(unfinished: dict[str, list[int]]) -> str:
-    return "; ".join(f"{stage}: tasks {', '.join(map(str, ranks[:10]))}" for stage, ranks in unfinished.items())
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:10])) + (f" and {len(ranks) - 10} more" if len(ranks) > 10 else "")
 
 
 def _slurm_log(executor: SlurmStageExecutor, rank: int) -> str:
@@ -289,7 +307,7 @@ def _slurm_log(executor: SlurmStageExecutor, rank: int) -> str:
 
 def _wait_for_jobs(job_ids: list[str]) -> None:
     """Until none of the jobs (arrays included) is pending or running; a job whose dependency failed never
-    will run: cancelled here (squeue; no slurmdbd needed)."""
+    will run: cancelled here, and so, in turn, the jobs after it (squeue; no slurmdbd needed)."""
     while job_ids:
         proc = subprocess.run(["squeue", "-h", "-o", "%F|%T|%r"], capture_output=True, text=True)
         rows = [line.split("|") for line in proc.stdout.splitlines() if line.count("|") == 2]
@@ -298,9 +316,10 @@ def _wait_for_jobs(job_ids: list[str]) -> None:
                                                 "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE")]
         if not live:
             return
-        if all(state == "PENDING" and reason.startswith("DependencyNeverSatisfied") for _, state, reason in live):
-            subprocess.run(["scancel", *sorted({job for job, _, _ in live})], capture_output=True)
-            return
+        never = sorted({job for job, state, reason in live
+                        if state == "PENDING" and reason.startswith("DependencyNeverSatisfied")})
+        if never:  # their dependents then become never satisfied in turn, and are cancelled next time round
+            subprocess.run(["scancel", *never], capture_output=True)
         time.sleep(SLURM_POLL_S)
 
 

@@ -377,6 +377,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         except (StrictModeError, InputFileError, ConfigError, NothingKeptError):
             work.remove()  # the same input would fail the same way: nothing to continue from
             raise
+        except engine.SlurmTaskError:
+            _note(f"kept {work} (the tasks' logs, and the shards they finished: rerun the same command to continue)")
+            raise
         except BaseException:
             if finished := work.completed("clean"):
                 _note(f"kept {work}: {len(finished)} of {plan.tasks} shards were cleaned; rerun the same command "
