@@ -258,3 +258,18 @@ def test_japanese_ratio_counts_like_the_per_character_definition():
         text = "".join(chr(rng.randint(*rng.choice(pools))) for _ in range(rng.randint(0, 40)))
         text = text.encode("utf-8", "ignore").decode("utf-8")
         assert japanese_ratio(text) == reference(text), repr(text)
+
+
+@pytest.mark.unit
+def test_the_experiments_data_stage_goes_to_slurm_only_for_a_large_corpus_inside_a_slurm_job(tmp_path, monkeypatch):
+    from jp_peft.data.engine import executor_for
+    from jp_peft.data.pool import usable_cores
+
+    src = write_jsonl(tmp_path / "docs.jsonl", distinct_docs(10))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("JP_PEFT_DATA_SLURM_MIN_GB", "0")
+    assert executor_for([src]) == {"executor": "local", "workers": usable_cores()}  # not a Slurm job
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert executor_for([src]) == {"executor": "slurm", "tasks": 1}
+    monkeypatch.setenv("JP_PEFT_DATA_SLURM_MIN_GB", "1")
+    assert executor_for([src])["executor"] == "local"  # a Slurm job, but a small corpus
