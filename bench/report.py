@@ -23,17 +23,46 @@ def data_section() -> list[str]:
     if not found:
         return ["_No results yet: run bench/data_prepare.py._"]
     path, r = found
+    m = r["machine"]
+    load = (f" (load average {m['load_average_before'][0]:.1f} before, {m['load_average_after'][0]:.1f} after)"
+            if "load_average_before" in m else "")
     lines = [f"Corpus: {r['input']} ({r['documents']:,} documents, {r['bytes'] / 1e6:.1f} MB; Debian manpages-ja "
-             f"extracted by bench/debian_ja_corpus.py), tokenizer {Path(r['tokenizer']).name}, {r['workers']} workers, "
-             f"median of {r['repeats']} alternating end-to-end runs on {r['machine']['cpus']} CPUs. Megatron-LM: "
-             f"{r['megatron_lm']}.", "",
-             "| pipeline | wall s | docs/s | MB/s |", "|---|---|---|---|"]
+             f"extracted by bench/debian_ja_corpus.py), tokenizer {Path(r['tokenizer']).name}, {r['workers']} workers "
+             f"(jp-peft: {r.get('tasks', r['workers'])} tasks on datatrove {r.get('datatrove', '?')}'s local executor), "
+             f"{r['repeats']} rounds alternating the two, each end to end as a subprocess (start-up and imports "
+             f"included), on {m['cpus']} CPUs{load}. Megatron-LM: {r['megatron_lm']}.", "",
+             "| pipeline | median wall s | docs/s | MB/s | peak RSS of any process |", "|---|---|---|---|---|"]
     for name, v in r["results"].items():
-        lines.append(f"| {name} | {v['median_seconds']:.2f} | {v['docs_per_second']:.1f} | {v['mb_per_second']:.2f} |")
+        rss = f"{v['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in v else "-"
+        lines.append(f"| {name} | {v['median_seconds']:.2f} | {v['docs_per_second']:.1f} | {v['mb_per_second']:.2f} "
+                     f"| {rss} |")
     rejected = ", ".join(f"{k} {v}" for k, v in r["jp_peft_extra_work"]["rejected"].items() if v)
-    lines += ["", f"jp-peft throughput / Megatron throughput: **{r['ratio_jp_peft_over_megatron']:.2f}x**, while also "
-              f"validating, NFKC-normalising, filtering and deduplicating (kept {r['jp_peft_extra_work']['kept']:,}; "
-              f"rejected: {rejected}). Source: `{path.relative_to(REPO)}`."]
+    rounds = r.get("ratio_per_round")
+    per_round = f" (median of the rounds: {', '.join(f'{x:.2f}' for x in rounds)})" if rounds else ""
+    lines += ["", f"jp-peft throughput / Megatron throughput: **{r['ratio_jp_peft_over_megatron']:.2f}x**{per_round}, "
+              f"while also validating, NFKC-normalising, filtering and deduplicating across shards (kept "
+              f"{r['jp_peft_extra_work']['kept']:,}; rejected: {rejected}). Megatron tokenises every document; "
+              "jp-peft tokenises only those it keeps, in batches, in the Rust tokenizer."]
+    if "jp_peft_time" in r:
+        t = r["jp_peft_time"]
+        stages = t["task_seconds"]["stages"]
+        steps = t["task_seconds"]["steps"]
+        order = [s for s in ("count", "clean", "buckets", "clusters", "tokenize", "merge") if s in stages]
+        lines += ["", "Where jp-peft's time goes (last round; task-seconds summed over the tasks of each stage, "
+                  f"which run {r['workers']} at a time): " + ", ".join(f"{s} {stages[s]:.2f} s" for s in order)
+                  + f"; within clean, validation + NFKC + filters {steps.get('clean.clean_and_filter', 0):.2f} s and "
+                  f"MinHash signatures {steps.get('clean.minhash', 0):.2f} s; within tokenize, the Rust tokenizer "
+                  f"{steps.get('tokenize.tokenize', 0):.2f} s. Interpreter start-up, imports and exit: "
+                  f"{t['startup_and_exit_seconds']:.2f} s of the {r['results']['jp_peft']['seconds'][-1]:.2f} s."]
+    if "memory" in r:
+        mem = r["memory"]
+        lines += ["", f"Memory, {mem['tasks']} tasks: peak RSS of any process at 1x ({mem['x1']['documents']:,} distinct "
+                  f"documents, {mem['x1']['bytes'] / 1e6:.1f} MB) **{mem['x1']['peak_rss_mb']:.0f} MB**, at 4x "
+                  f"({mem['x4']['documents']:,} documents, {mem['x4']['bytes'] / 1e6:.1f} MB) "
+                  f"**{mem['x4']['peak_rss_mb']:.0f} MB**: **{mem['ratio_x4_over_x1']:.3f}x** (bound: 1.3x), "
+                  f"{mem['growth_bytes_per_extra_document']:.0f} bytes per extra kept document (the in-memory "
+                  "MinHash index the pipeline replaced grew by about 3,400)."]
+    lines += ["", f"Source: `{path.relative_to(REPO)}`."]
     return lines
 
 
@@ -178,6 +207,9 @@ def main() -> int:
     text = ["# Benchmarks", "",
             "Every number below is read from a results file in `bench/results/` by `bench/report.py`; regenerate "
             "this file with `python bench/report.py` after running a benchmark.", "",
+            "These CPU benchmarks ran on a 2-core machine that other work (test runs) shared at the same time. "
+            "The headline figures are therefore ratios measured side by side in one run (A and B alternated, "
+            "several rounds), which such load affects alike; absolute times and rates are only indicative.", "",
             *gpu_section(latest_gpu()), "",
             "## Data preparation (CPU)", "", *data_section(), "",
             "## Training throughput on CPU", "", *cpu_section(), "",

@@ -10,6 +10,8 @@ import sys
 EPILOG = """examples:
   jp-peft data prepare --input data/ja/cpt.train.jsonl --format text --tokenizer /models/Qwen2.5-0.5B \\
       --output-prefix /data/ja_cpt --workers 8
+  jp-peft data prepare --input /corpus/ja/*.jsonl.gz --tokenizer /models/Qwen2.5-0.5B \\
+      --output-prefix /shared/ja_cpt --executor slurm --slurm-profile baremetal_venv --tasks 400
   jp-peft data blend data/blends/ja90_en10.yaml --train-tokens 32768000
   jp-peft export adapter --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/hf_adapter
   jp-peft export nemo --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/model.nemo
@@ -34,14 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
                            "input/output, loss on assistant tokens). No output may be an input. Exit status: "
                            "0 done; 1 --strict stopped at a reject, nothing was kept, or a worker died; 2 a bad "
                            "argument, tokenizer or unreadable input (nothing written); 143 SIGTERM (temporary "
-                           "files removed). See data/README.md.")
+                           "files removed). The work runs as datatrove stages over --tasks shards, on this "
+                           "machine or as Slurm array jobs; a rerun after an interruption continues from the "
+                           "finished shards kept in its work directory. See data/README.md.")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
                       help="JSONL, plain text (blank-line separated documents), or gzip of either")
     prep.add_argument("--format", choices=("text", "alpaca", "chatml"), default="text")
     prep.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory or hub id")
     prep.add_argument("--output-prefix", required=True)
-    prep.add_argument("--workers", type=int, default=1, help="parallel tokenising/cleaning processes (default 1; "
-                      "capped at the usable cores and, for a short input, at its chunks of 64 records)")
+    prep.add_argument("--workers", type=int, default=1, help="--executor local: tasks run at once, one process each "
+                      "(default 1; capped at the usable cores and, for a short input, at its chunks of 64 records)")
+    prep.add_argument("--executor", choices=("local", "slurm"), default="local",
+                      help="local: datatrove's local executor; slurm: one Slurm array job per stage (default local)")
+    prep.add_argument("--tasks", type=int, metavar="N", help="shards of the input, one task each per stage (default: "
+                      "--workers, and at least one per 256 MiB of input); the outputs do not depend on it")
+    prep.add_argument("--slurm-profile", metavar="NAME", help="--executor slurm: slurm/NAME.yaml or a profile path "
+                      "(default: the partition of the Slurm job this runs in)")
+    prep.add_argument("--work-dir", metavar="DIR", help="intermediate files and finished-task marks, removed at the "
+                      "end (default: PREFIX.work with --executor slurm, which the nodes must share; locally a "
+                      "directory of PREFIX under $JP_PEFT_CACHE, ~/.cache/jp-peft)")
+    prep.add_argument("--keep-work-dir", action="store_true", help="keep the work directory after a successful run")
     prep.add_argument("--strict", action="store_true", help="stop at the first rejected record (exit 1, naming file:line)")
     prep.add_argument("--min-chars", type=int, default=None, help="shorter documents are rejected (default 20; 2 for instructions)")
     prep.add_argument("--max-chars", type=int, default=200_000)
@@ -132,7 +146,9 @@ def cmd_data_prepare(args) -> int:
             min_ja_ratio=args.min_ja_ratio if args.min_ja_ratio is not None else (0.0 if instructions else 0.3),
             dedup=not args.no_dedup, near_dedup=not (args.no_dedup or args.no_near_dedup),
             near_dedup_threshold=args.near_dedup_threshold, val_fraction=args.val_fraction,
-            progress=not args.no_progress, progress_interval=args.progress_interval)
+            progress=not args.no_progress, progress_interval=args.progress_interval, executor=args.executor,
+            tasks=args.tasks, slurm_profile=args.slurm_profile, work_dir=args.work_dir,
+            keep_work_dir=args.keep_work_dir)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -152,6 +168,9 @@ def cmd_data_prepare(args) -> int:
           f"{report['kept_validation']}), rejected {report['rejected_total']} ({rejected})")
     print(f"{report['chars']:,} characters, {report['tokens']:,} tokens, {report['chars_per_token']} characters/token, "
           f"{report['docs_per_second']} docs/s, {report['mb_per_second']} MB/s")
+    print(f"{report['tasks']} shards on the {report['executor']} executor"
+          + (f"; continued from an earlier run: {report['resumed']['tasks_finished_before']}" if report["resumed"] else "")
+          + (f"; resubmitted after a failure: {report['retried']}" if report["retried"] else ""))
     for name, path in report["outputs"].items():
         print(f"  {name}: {path}")
     return 0

@@ -52,7 +52,10 @@ def _prefix_ready(prefix: str) -> bool:
 
 
 def run_data(exp: ExperimentSpec) -> dict:
-    """Prepare every dataset of the spec that has a source and is not prepared yet."""
+    """Prepare every dataset of the spec that has a source and is not prepared yet, with `jp-peft data
+    prepare`'s pipeline: on this machine's cores, or as Slurm array jobs when this stage is a Slurm job
+    and the sources are large (jp_peft.data.engine.executor_for)."""
+    from jp_peft.data.engine import executor_for
     from jp_peft.data.prepare import PrepareConfig, prepare
 
     tokenizer = rundir.base_model_dir(exp)
@@ -63,7 +66,7 @@ def run_data(exp: ExperimentSpec) -> dict:
             return
         cfg = PrepareConfig(inputs=tuple(sources), output_prefix=prefix.removesuffix("_text_document"),
                             tokenizer=tokenizer, format="text", min_ja_ratio=0.3 if lang == "ja" else 0.0,
-                            workers=min(2, os.cpu_count() or 1))
+                            **executor_for(sources))
         reports[prefix] = _summary(prepare(cfg))
 
     for stage in TRAINED_STAGES:
@@ -78,7 +81,7 @@ def run_data(exp: ExperimentSpec) -> dict:
             root = str(Path(data.sft_train).parent)  # dataset_root/training.jsonl
             cfg = PrepareConfig(inputs=tuple(data.sft_source), output_prefix=root, tokenizer=tokenizer,
                                 format=data.sft_format, min_chars=2, min_ja_ratio=0.0, val_fraction=0.05,
-                                workers=1)
+                                **executor_for(data.sft_source))
             reports[root] = _summary(prepare(cfg))
     for name, report in reports.items():
         _log(f"data: {Path(name).name}: read {report['read']}, kept {report['kept']}, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
+
 # C0/C1 control characters except tab and newline, plus zero-width and BOM characters.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
 _SPACES = re.compile(r"[ \t\u3000]+")  # NFKC already folds U+3000; kept for raw callers
@@ -33,14 +35,28 @@ def is_japanese_char(ch: str) -> bool:
     )
 
 
-# The same ranges as is_japanese_char, as one character class: counting with findall runs in C.
+# The same ranges as is_japanese_char, as one character class (and the table below is built from it).
 _JAPANESE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\u3005]")
-_LETTER_OR_DIGIT = re.compile(r"[^\W_]")  # Unicode letters and digits: no space, punctuation or symbols
+_TABLES: list[np.ndarray] = []
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    """For every BMP code point: is it Japanese (the ranges above), is it a letter or digit (str.isalnum,
+    which is what the regex class [^\\W_] matches). Built once, in about 20 ms."""
+    if not _TABLES:
+        _TABLES.append(np.array([bool(_JAPANESE.match(chr(c))) for c in range(0x10000)], dtype=bool))
+        _TABLES.append(np.array([chr(c).isalnum() for c in range(0x10000)], dtype=bool))
+    return _TABLES[0], _TABLES[1]
 
 
 def japanese_ratio(text: str) -> float:
-    """Share of hiragana/katakana/kanji among the letters and digits of `text`."""
-    letters = len(_LETTER_OR_DIGIT.findall(text))
-    if not letters:
-        return 0.0
-    return len(_JAPANESE.findall(text)) / letters
+    """Share of hiragana/katakana/kanji among the letters and digits of `text` (no space, punctuation
+    or symbols), counted with two table lookups over the code points rather than a Python loop."""
+    japanese, letter = _tables()
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    extra = 0
+    if codes.size and codes.max() >= 0x10000:  # astral letters (CJK extension B...) count as letters only
+        extra = sum(chr(c).isalnum() for c in codes[codes >= 0x10000].tolist())
+        codes = codes[codes < 0x10000]
+    letters = int(np.count_nonzero(letter[codes])) + extra
+    return int(np.count_nonzero(japanese[codes])) / letters if letters else 0.0

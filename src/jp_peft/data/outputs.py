@@ -1,20 +1,24 @@
 """The files `jp-peft data prepare` writes: which ones, that none of them is an input, and writing
 them under temporary names renamed into place at the end, so that a failed run never leaves
-files that look complete.
+files that look complete. The final datasets are the shards' datasets concatenated in shard (that
+is, input) order, one shard at a time: memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import Counter
+import shutil
+import struct
+from array import array
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 TEXT_SPLITS = {"train": "_text_document", "validation": "_val_text_document"}
 CHAT_SPLITS = {"train": "training.jsonl", "validation": "validation.jsonl"}  # under PREFIX/, NeMo's dataset_root
+TOKEN_DTYPE = np.int32  # 4-byte tokens: Qwen2.5's vocabulary (151,665) does not fit 2 bytes
 
 
 def splits(val_fraction: float) -> tuple[str, ...]:
@@ -54,15 +58,106 @@ def overwritten_input(inputs: tuple[str, ...], outputs: list[str]) -> tuple[str,
     return None
 
 
+def input_inside(inputs: tuple[str, ...], directory: str) -> str | None:
+    """The first input that lies under `directory` (which a run removes), or None."""
+    root = Path(directory).resolve()
+    for path in inputs:
+        if root in Path(path).resolve().parents:
+            return path
+    return None
+
+
+# --- Megatron indexed datasets ----------------------------------------------------------------
+# The .bin/.idx format of megatron/core/datasets/indexed_dataset.py (0.15): `.bin` the tokens of every
+# document back to back; `.idx` _INDEX_HEADER, version 1 (<Q), DType code (<B), sequence count (<Q),
+# document count + 1 (<Q), sequence lengths int32, sequence byte offsets int64, document indices int64
+# (one sequence per document: 0..n). Written here with numpy, without importing megatron.core (with
+# torch, 3-5 s in every process that would); tests/data/test_sharded_pipeline.py checks these
+# constants against megatron.core and the files byte for byte against its IndexedDatasetBuilder, and
+# NeMo reads them with megatron.core's IndexedDataset.
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+INT32_CODE = 4  # megatron.core.datasets.indexed_dataset.DType.int32
+_PREAMBLE = len(INDEX_HEADER) + 8 + 1 + 8 + 8
+
+
+class IndexedDatasetWriter:
+    """One indexed dataset (one sequence per document), holding 8 bytes per document until `finalize`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.data = open(prefix + ".bin", "wb")
+        self.lengths = array("q")
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        self.data.write(np.asarray(tokens, dtype=TOKEN_DTYPE).tobytes())
+        self.lengths.append(len(tokens))
+
+    def finalize(self) -> None:
+        self.data.close()
+        lengths = np.frombuffer(self.lengths, dtype=np.int64)
+        with open(self.prefix + ".idx", "wb") as out:
+            _write_preamble(out, len(lengths))
+            out.write(lengths.astype(np.int32).tobytes())
+            out.write(_pointers(lengths, 0).tobytes())
+            out.write(np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+
+
+def _write_preamble(out, sequences: int) -> None:
+    out.write(INDEX_HEADER)
+    out.write(struct.pack("<Q", INDEX_VERSION))
+    out.write(struct.pack("<B", INT32_CODE))
+    out.write(struct.pack("<Q", sequences))
+    out.write(struct.pack("<Q", sequences + 1))
+
+
+def _pointers(lengths: np.ndarray, offset: int) -> np.ndarray:
+    itemsize = np.dtype(TOKEN_DTYPE).itemsize
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], out=starts[1:])
+    return offset + starts * itemsize
+
+
+def read_sequence_lengths(idx_path: str) -> np.ndarray:
+    """The sequence lengths of an .idx this module wrote (memory-mapped)."""
+    with open(idx_path, "rb") as handle:
+        preamble = handle.read(_PREAMBLE)
+    if preamble[:len(INDEX_HEADER)] != INDEX_HEADER or preamble[len(INDEX_HEADER) + 8] != INT32_CODE:
+        raise ValueError(f"{idx_path}: not an int32 Megatron index")
+    count = struct.unpack("<Q", preamble[len(INDEX_HEADER) + 9:len(INDEX_HEADER) + 17])[0]
+    if count == 0:
+        return np.zeros(0, dtype=np.int32)
+    return np.memmap(idx_path, dtype=np.int32, mode="r", offset=_PREAMBLE, shape=(count,))
+
+
+def merge_indexed_datasets(prefixes: Iterable[str], idx_path: str) -> int:
+    """Write the .idx of the concatenation of the indexed datasets at `prefixes` (their .bin files are
+    concatenated in the same order by the caller), one shard's index in memory at a time (megatron's
+    IndexedDatasetBuilder.add_index keeps the whole merged index in Python lists); returns the count."""
+    prefixes = list(prefixes)
+    total = sum(len(read_sequence_lengths(p + ".idx")) for p in prefixes)
+    with open(idx_path, "wb") as out:
+        _write_preamble(out, total)
+        for prefix in prefixes:
+            out.write(np.asarray(read_sequence_lengths(prefix + ".idx"), dtype=np.int32).tobytes())
+        offset = 0
+        for prefix in prefixes:
+            lengths = np.asarray(read_sequence_lengths(prefix + ".idx"), dtype=np.int64)
+            out.write(_pointers(lengths, offset).tobytes())
+            offset += int(lengths.sum()) * np.dtype(TOKEN_DTYPE).itemsize
+        out.write(np.arange(total + 1, dtype=np.int64).tobytes())
+    return total
+
+
 class PreparedOutputs:
-    """Train/validation writers and the rejects file, under temporary names until `commit()`."""
+    """The final datasets (or examples) and the rejects file, under temporary names until `commit()`."""
 
     def __init__(self, prefix: str, fmt: str, val_fraction: float):
         self.prefix, self.fmt = prefix, fmt
         self.final: dict[str, str] = {}  # temporary name -> final name
-        self.counts: Counter = Counter()
-        self.builders: dict[str, tuple[Any, str]] = {}  # text: split -> (IndexedDatasetBuilder, prefix)
-        self.files: dict[str, Any] = {}  # instructions: split -> open JSONL
+        self.data: dict[str, Any] = {}  # split -> open .bin (text) or JSONL (instructions)
+        self.shards: dict[str, list[str]] = {}  # text: split -> shard prefixes, in order
         self.rejected = None
         self.made_dir: Path | None = None  # PREFIX/ when this run created it: removed again on failure
         try:
@@ -73,19 +168,14 @@ class PreparedOutputs:
 
     def _open(self, val_fraction: float) -> None:
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        if self.fmt == "text":
-            from jp_peft.data import indexed_dataset_module
-
-            builder_cls = indexed_dataset_module().IndexedDatasetBuilder
-            for split in splits(val_fraction):
-                base = self.prefix + TEXT_SPLITS[split]
-                self.builders[split] = (builder_cls(self._tmp(base + ".bin"), dtype=np.int32), base)
-        else:
-            if not Path(self.prefix).is_dir():
-                Path(self.prefix).mkdir(parents=True)
-                self.made_dir = Path(self.prefix)
-            for split in splits(val_fraction):
-                self.files[split] = open(self._tmp(str(Path(self.prefix) / CHAT_SPLITS[split])), "w", encoding="utf-8")
+        if self.fmt != "text" and not Path(self.prefix).is_dir():
+            Path(self.prefix).mkdir(parents=True)
+            self.made_dir = Path(self.prefix)
+        for split in splits(val_fraction):
+            final = (self.prefix + TEXT_SPLITS[split] + ".bin" if self.fmt == "text"
+                     else str(Path(self.prefix) / CHAT_SPLITS[split]))
+            self.data[split] = open(self._tmp(final), "wb")
+            self.shards[split] = []
         self.rejected = open(self._tmp(self.prefix + ".rejected.jsonl"), "w", encoding="utf-8")
 
     def _tmp(self, final: str) -> str:
@@ -93,35 +183,31 @@ class PreparedOutputs:
         self.final[tmp] = final
         return tmp
 
-    def keep(self, split: str, tokens: np.ndarray | None, examples: list[dict[str, str]]) -> None:
-        if self.fmt == "text":
-            builder, _ = self.builders[split]
-            builder.add_document(tokens, [len(tokens)])
-        else:
-            handle = self.files[split]
-            for example in examples:
-                handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-            self.counts[f"examples_{split}"] += len(examples)
-        self.counts[f"kept_{split}"] += 1
-
-    def reject(self, source: str, line: int, reason: str, detail: str, raw: str, raw_b64: str = "") -> None:
-        record = {"source": source, "line": line, "reason": reason, "detail": detail, "raw": raw}
-        if raw_b64:  # the exact bytes, when they were not valid UTF-8 (raw then shows U+FFFD)
-            record["raw_b64"] = raw_b64
-        self.rejected.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def append_shard(self, shard_prefix: str) -> None:
+        """A shard's datasets (text) or examples (instructions), after those of the shards before it."""
+        for split, handle in self.data.items():
+            if self.fmt == "text":
+                source = shard_prefix + TEXT_SPLITS[split]
+                self.shards[split].append(source)
+                source += ".bin"
+            else:
+                source = f"{shard_prefix}.{CHAT_SPLITS[split]}"
+            with open(source, "rb") as shard:
+                shutil.copyfileobj(shard, handle, 1 << 22)
 
     def commit(self, report: dict[str, Any], with_datasets: bool = True) -> None:
         """Rename everything into place, the report last: its presence marks a complete, consistent
         set of outputs. Without datasets (nothing to train on) only the rejects and the report are."""
         written = {}
-        if with_datasets and self.fmt == "text":
-            for split, (builder, base) in self.builders.items():
-                builder.finalize(self._tmp(base + ".idx"))
-                written[split] = base
-        elif with_datasets:
-            for split, handle in self.files.items():
+        if with_datasets:
+            for split, handle in self.data.items():
                 handle.close()
-                written[split] = self.final[handle.name]
+                if self.fmt == "text":
+                    base = self.prefix + TEXT_SPLITS[split]
+                    merge_indexed_datasets(self.shards[split], self._tmp(base + ".idx"))
+                    written[split] = base
+                else:
+                    written[split] = self.final[handle.name]
         else:
             self._discard_datasets()
         self.rejected.close()
@@ -133,15 +219,13 @@ class PreparedOutputs:
             os.replace(tmp, self.final[tmp])
 
     def _discard_datasets(self) -> None:
-        for builder, _ in self.builders.values():
-            builder.data_file.close()
-        for handle in self.files.values():
+        for handle in self.data.values():
             handle.close()
         for tmp, final in list(self.final.items()):
             if not final.endswith(".rejected.jsonl"):
                 Path(tmp).unlink(missing_ok=True)
                 del self.final[tmp]
-        if self.made_dir is not None and not any(self.made_dir.iterdir()):
+        if self.made_dir is not None and self.made_dir.exists() and not any(self.made_dir.iterdir()):
             self.made_dir.rmdir()
 
     def abort(self) -> None:

@@ -37,11 +37,13 @@ def map_in_workers(fn: Callable, items: Iterable, workers: int, initializer: Cal
     concurrent.futures rather than multiprocessing.Pool: Pool replaces a worker that dies (or whose
     initializer fails) and waits forever for its result; an executor reports it (BrokenProcessPool),
     which becomes WorkerError here. At most two items per worker are in flight, so memory does not
-    grow with the input. Closing the iterator early stops the workers.
+    grow with the input. Closing the iterator early, or an error, stops the workers at once
+    (SIGTERM to each: they may be in the middle of a long item, a whole shard).
     """
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
                                initargs=initargs)
     in_flight: deque = deque()
+    finished = False
     try:
         for item in items:
             in_flight.append(pool.submit(fn, item))
@@ -49,7 +51,12 @@ def map_in_workers(fn: Callable, items: Iterable, workers: int, initializer: Cal
                 yield _result(in_flight.popleft())
         while in_flight:
             yield _result(in_flight.popleft())
+        finished = True
     finally:
+        if not finished:  # an error, SIGTERM or an early close: stop the workers now, not after their items
+            for process in list((pool._processes or {}).values()):
+                if process.is_alive():
+                    process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -2,15 +2,23 @@
 
 Every record read is either kept or rejected with a reason; rejects go verbatim to
 PREFIX.rejected.jsonl and the counts to PREFIX.report.json, where
-read == kept + sum(rejected by reason). Arguments, the tokenizer and the output paths are checked
-before any work starts; outputs are written under temporary names and renamed at the end
-(`outputs.py`), so a failed run never leaves files that look complete, and never touches an input.
+read == kept + sum(rejected by reason), for the whole run and for every shard. Arguments, the
+tokenizer and the output paths are checked before any work starts; outputs are written under
+temporary names and renamed at the end (`outputs.py`), so a failed run never leaves files that look
+complete, and never touches an input.
+
+The work runs as datatrove pipeline stages over shards of the input (`pipeline.py`), on datatrove's
+local executor or as Slurm array jobs (`engine.py`); the intermediate files live in a work
+directory (`workdir.py`) from which a rerun continues where an interrupted run stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
+import math
 import os
 import signal
 import sys
@@ -19,26 +27,28 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from jp_peft.data import chat
-from jp_peft.data.dedup import MinHasher, NearDuplicateIndex, content_hash
+from jp_peft.data.dedup import MinHasher, content_hash
 # StrictModeError and NothingKeptError are what callers of prepare() catch; they import them from here.
-from jp_peft.data.errors import ConfigError, NothingKeptError, StrictModeError, Terminated
+from jp_peft.data.errors import (ConfigError, InputFileError, NothingKeptError, PrepareError, StrictModeError,
+                                 Terminated)
 from jp_peft.data.normalize import japanese_ratio, normalize_text
-from jp_peft.data.outputs import PreparedOutputs, overwritten_input, planned_outputs
-from jp_peft.data.pool import map_in_workers, usable_cores, useful_workers
-from jp_peft.data.progress import Progress
+from jp_peft.data.outputs import input_inside, overwritten_input, planned_outputs
+from jp_peft.data.pool import usable_cores, useful_workers
 from jp_peft.data.readers import FORMATS, RawRecord, iter_records
 
 REJECT_REASONS = (
     "invalid_json", "invalid_utf8", "missing_field", "wrong_type", "control_token", "empty_after_cleaning",
     "too_short", "too_long", "not_japanese_enough", "exact_duplicate", "near_duplicate",
 )
-CHUNK_RECORDS = 64  # records per unit of work sent to a worker
+CHUNK_RECORDS = 64  # records cleaned per call of _process_chunk
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+EXECUTORS = ("local", "slurm")
+SHARD_BYTES = 256 * 2**20  # without --tasks: at least one shard per 256 MiB of input (and per worker)
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,11 @@ class PrepareConfig:
     append_eos: bool = True
     progress: bool = True
     progress_interval: float | None = None  # seconds between progress lines; None: 1 on a terminal, 30 in a log
+    executor: str = "local"  # local: datatrove's local executor, `workers` processes; slurm: array jobs
+    tasks: int | None = None  # shards; None: one per worker and per 256 MiB of input
+    slurm_profile: str | None = None  # slurm/NAME.yaml or a path; None: the partition of the Slurm job we run in
+    work_dir: str | None = None  # intermediate files and completion marks; None: see `work`
+    keep_work_dir: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
@@ -76,6 +91,10 @@ class PrepareConfig:
             (0.0 <= self.val_fraction < 1.0, "--val-fraction", f"must be in [0, 1), got {self.val_fraction}"),
             (self.progress_interval is None or self.progress_interval > 0, "--progress-interval",
              f"must be positive, got {self.progress_interval}"),
+            (self.executor in EXECUTORS, "--executor", f"{self.executor!r} is not one of {', '.join(EXECUTORS)}"),
+            (self.tasks is None or self.tasks >= 1, "--tasks", f"must be >= 1, got {self.tasks}"),
+            (self.slurm_profile is None or self.executor == "slurm", "--slurm-profile",
+             "only with --executor slurm"),
         ]
         for ok, flag, message in checks:
             if not ok:
@@ -90,34 +109,91 @@ class PrepareConfig:
         if clash:
             raise ConfigError(f"--output-prefix {self.output_prefix}: would overwrite the input {clash[0]} "
                               f"(by writing {clash[1]}); choose another prefix")
+        if inside := input_inside(self.inputs, self.work):
+            flag = "--work-dir" if self.work_dir else "--output-prefix"
+            raise ConfigError(f"{flag}: the input {inside} lies in the work directory {self.work}, which the run "
+                              "removes when it ends; choose another")
+
+    @property
+    def work(self) -> str:
+        """--work-dir; by default PREFIX.work on Slurm (the nodes must share it, as they share the outputs),
+        and for a local run a directory of this output prefix under $JP_PEFT_WORK_ROOT (default: prepare/
+        in the jp-peft cache), so that a stopped run leaves nothing beside its outputs."""
+        if self.work_dir:
+            return self.work_dir
+        if self.executor == "slurm":
+            return self.output_prefix + ".work"
+        from jp_peft.tiny import cache_root
+
+        root = Path(os.environ.get("JP_PEFT_WORK_ROOT") or cache_root() / "prepare")
+        key = hashlib.sha256(str(Path(self.output_prefix).resolve()).encode()).hexdigest()[:16]
+        return str(root / f"{Path(self.output_prefix).name}-{key}")
 
 
 @dataclass
 class Processed:
-    """What a worker returns for one raw record."""
+    """What cleaning makes of one raw record."""
 
     source: str
     line: int
     raw: str
     raw_b64: str = ""
     input_pos: int = 0
+    input_index: int = 0  # which of cfg.inputs (the same path may be given twice)
     reason: str | None = None
     detail: str = ""
     text: str = ""  # cleaned text (documents) or the conversation's contents (instructions)
     chars: int = 0
-    tokens: np.ndarray | None = None  # text format: token ids with EOS
     examples: list[dict[str, Any]] = field(default_factory=list)  # instruction formats
-    n_tokens: int = 0
     hash: str = ""
     signature: np.ndarray | None = None
 
 
 # --- the tokenizer, checked once in the main process --------------------------------------
 
+# Tokenizer classes whose fast version is the Rust tokenizer of tokenizer.json as it is (transformers
+# changes nothing in it at load time), so that RustTokenizer gives the same ids.
+RUST_AS_IS = ("PreTrainedTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast")
+NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class RustTokenizer:
+    """A tokenizer directory read with the Rust `tokenizers` library alone: the ids, EOS and special
+    tokens of transformers' fast tokenizer for the same files, without importing transformers (2-3 s
+    in every process that would). Used for the classes in RUST_AS_IS when every added token of
+    tokenizer_config.json is in tokenizer.json with its id; anything else goes through AutoTokenizer."""
+
+    def __init__(self, directory: Path):
+        from tokenizers import Tokenizer
+
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if (directory / "special_tokens_map.json").is_file():
+            config = {**json.loads((directory / "special_tokens_map.json").read_text(encoding="utf-8")), **config}
+        self.backend_tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.backend_tokenizer.no_truncation()  # what transformers does for a call without truncation/padding
+        self.backend_tokenizer.no_padding()
+        self.name_or_path = str(directory)
+        if config.get("tokenizer_class") not in RUST_AS_IS:
+            raise ValueError(f"tokenizer_class {config.get('tokenizer_class')!r}")
+        added = config.get("added_tokens_decoder", {})
+        for token_id, token in added.items():
+            if self.backend_tokenizer.token_to_id(token["content"]) != int(token_id):
+                raise ValueError(f"added token {token['content']!r} is not in tokenizer.json as id {token_id}")
+
+        def content(value):
+            return value.get("content") if isinstance(value, dict) else value
+
+        named = [content(config.get(key)) for key in NAMED_SPECIAL]
+        extra = [content(v) for v in config.get("additional_special_tokens") or []]
+        special_added = [token["content"] for token in added.values() if token.get("special")]
+        self.all_special_tokens = list(dict.fromkeys(t for t in [*named, *extra, *special_added] if t))
+        self.added_tokens_decoder: dict = {}
+        eos = content(config.get("eos_token"))
+        self.eos_token_id = self.backend_tokenizer.token_to_id(eos) if eos else None
+
+
 def load_tokenizer(cfg: PrepareConfig):
     """The tokenizer, or ConfigError naming --tokenizer: checked here, before any worker starts."""
-    from transformers import AutoTokenizer
-
     local = Path(cfg.tokenizer).expanduser()
     looks_like_path = cfg.tokenizer.startswith((".", "~", os.sep)) or cfg.tokenizer.count("/") > 1
     if looks_like_path and not local.exists():
@@ -125,60 +201,55 @@ def load_tokenizer(cfg: PrepareConfig):
                           "Hugging Face hub id)")
     if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"--tokenizer: {cfg.tokenizer} has none of {', '.join(TOKENIZER_FILES)}")
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    except Exception as exc:  # transformers/huggingface_hub raise OSError, ValueError, HFValidationError...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--tokenizer: cannot load {cfg.tokenizer!r}: {reason}") from None
+    tok = None
+    if local.is_dir() and (local / "tokenizer.json").is_file() and (local / "tokenizer_config.json").is_file():
+        with contextlib.suppress(Exception):  # anything unusual: transformers decides
+            tok = RustTokenizer(local)
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        except Exception as exc:  # transformers/huggingface_hub raise OSError, ValueError, HFValidationError...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--tokenizer: cannot load {cfg.tokenizer!r}: {reason}") from None
+        tok.model_max_length = 10**9  # documents are cut into sequences later, never here
     if cfg.format == "text" and cfg.append_eos and tok.eos_token_id is None:
         raise ConfigError(f"--tokenizer: {cfg.tokenizer} has no EOS token to end each document with")
-    tok.model_max_length = 10**9  # documents are cut into sequences later, never here
     return tok
 
 
-def _special_tokens(tok) -> list[str]:
+def special_tokens(tok) -> tuple[str, ...]:
     decoder = getattr(tok, "added_tokens_decoder", {}) or {}
-    return list(tok.all_special_tokens) + [t.content for t in decoder.values() if getattr(t, "special", False)]
+    return tuple(tok.all_special_tokens) + tuple(t.content for t in decoder.values() if getattr(t, "special", False))
 
 
-# --- worker side ------------------------------------------------------------------------
+# --- worker side: cleaning, filters, signatures --------------------------------------------
 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cfg: PrepareConfig, tok) -> None:
-    # One worker process per core: the tokenizer's own threads would only oversubscribe them.
+def _init_worker(cfg: PrepareConfig, specials: tuple[str, ...]) -> None:
+    # One task process per core: the tokenizer's own threads would only oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["cfg"] = cfg
-    _WORKER["tok"] = tok
-    _WORKER["control"] = chat.control_token_pattern(_special_tokens(tok))
-    _WORKER["minhash"] = MinHasher(cfg.num_perm) if cfg.near_dedup else None
-
-
-def _init_pool_worker(cfg: PrepareConfig) -> None:
-    # The main process handles Ctrl-C and SIGTERM: it stops the pool and removes the temporary files.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _init_worker(cfg, load_tokenizer(cfg))
+    if _WORKER.get("cfg") == cfg and _WORKER.get("specials") == specials:
+        return
+    _WORKER.update(cfg=cfg, specials=specials, control=chat.control_token_pattern(specials),
+                   minhash=MinHasher(cfg.num_perm) if cfg.dedup and cfg.near_dedup else None, seconds=Counter())
 
 
 def _process_chunk(chunk: list[RawRecord]) -> list[Processed]:
-    """Clean and filter each record, then tokenise the survivors in one batch call."""
-    cfg: PrepareConfig = _WORKER["cfg"]
-    tok = _WORKER["tok"]
+    """Clean and filter each record; MinHash signatures of those that pass (near-dedup on)."""
+    seconds: Counter = _WORKER["seconds"]
+    started = time.perf_counter()
     results = [_clean_and_filter(raw) for raw in chunk]
-    alive = [item for item in results if item.reason is None]
-    if cfg.format == "text" and alive:
-        encoded = tok([item.text for item in alive], add_special_tokens=False)["input_ids"]
-        for item, ids in zip(alive, encoded):
-            item.n_tokens = len(ids)
-            if cfg.append_eos:
-                ids.append(tok.eos_token_id)
-            item.tokens = np.asarray(ids, dtype=np.int32)
-    else:
-        for item in alive:
-            texts = [e["input"] + e["output"] for e in item.examples]
-            item.n_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    cleaned = time.perf_counter()
+    seconds["clean_and_filter"] += cleaned - started
+    if _WORKER["minhash"] is not None:
+        for item in results:
+            if item.reason is None:
+                item.signature = _WORKER["minhash"].signature(item.text)
+        seconds["minhash"] += time.perf_counter() - cleaned
     return results
 
 
@@ -194,7 +265,7 @@ def _cleaned_messages(record: dict[str, Any], fmt: str) -> tuple[list[dict[str, 
 
 def _clean_and_filter(raw: RawRecord) -> Processed:
     cfg: PrepareConfig = _WORKER["cfg"]
-    out = Processed(raw.source, raw.line, raw.raw, raw.raw_b64, raw.input_pos)
+    out = Processed(raw.source, raw.line, raw.raw, raw.raw_b64, raw.input_pos, raw.input_index)
     if raw.error:
         out.reason, _, out.detail = raw.error.partition(": ")
         return out
@@ -227,45 +298,23 @@ def _clean_and_filter(raw: RawRecord) -> Processed:
         out.examples = []
         return out
     out.hash = content_hash(out.text)
-    if _WORKER["minhash"] is not None:
-        out.signature = _WORKER["minhash"].signature(out.text)
     return out
 
 
+def is_validation(doc_hash: str, fraction: float) -> bool:
+    """Deterministic split: the document's own hash decides, not its position."""
+    return fraction > 0 and int(doc_hash[:8], 16) / 0x100000000 < fraction
+
+
+def strict_error(source: str, line: int, reason: str, detail: str) -> StrictModeError:
+    return StrictModeError(f"{source}:{line}: rejected ({reason}" + (f": {detail}" if detail else "") + ")")
+
+
+def _note(message: str) -> None:
+    print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
 # --- main process -----------------------------------------------------------------------
-
-def _chunks(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
-    chunk = []
-    for record in records:
-        chunk.append(record)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _all_records(cfg: PrepareConfig) -> Iterator[RawRecord]:
-    """Every input's records, `input_pos` counting the bytes of all inputs read so far."""
-    done = 0
-    for path in cfg.inputs:
-        for record in iter_records(path):
-            record.input_pos += done
-            yield record
-        done += Path(path).stat().st_size
-
-
-def _process_in_order(cfg: PrepareConfig, tok, chunks: Iterator[list[RawRecord]], workers: int) -> Iterator[Processed]:
-    """Processed records in input order, in this process or in `workers` forked ones."""
-    if workers == 1:
-        _init_worker(cfg, tok)
-        for chunk in chunks:
-            yield from _process_chunk(chunk)
-        return
-    with contextlib.closing(map_in_workers(_process_chunk, chunks, workers, _init_pool_worker, (cfg,))) as results:
-        for result in results:
-            yield from result
-
 
 @contextlib.contextmanager
 def _sigterm_raises():
@@ -284,123 +333,103 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def is_validation(doc_hash: str, fraction: float) -> bool:
-    """Deterministic split: the document's own hash decides, not its position."""
-    return fraction > 0 and int(doc_hash[:8], 16) / 0x100000000 < fraction
+def _all_records(cfg: PrepareConfig) -> Iterator[RawRecord]:
+    for path in cfg.inputs:
+        yield from iter_records(path)
 
 
-def _note(message: str) -> None:
-    print(f"prepare: {message}", file=sys.stderr, flush=True)
+def _workers(cfg: PrepareConfig) -> int:
+    """Local processes worth starting: no more than the usable cores, nor than a short input's chunks of
+    CHUNK_RECORDS records (read ahead here); says so when that is fewer than asked for."""
+    cores = usable_cores()
+    want = min(cfg.workers, cores)
+    ahead = sum(1 for _ in itertools.islice(_all_records(cfg), want * CHUNK_RECORDS + 1))
+    chunks = math.ceil(ahead / CHUNK_RECORDS)
+    workers, why = useful_workers(cfg.workers, cores, chunks, ahead <= want * CHUNK_RECORDS)
+    if why and cfg.executor == "local":
+        _note(f"--workers {cfg.workers}: using {workers} ({why})")
+    return workers
 
 
-@dataclass
-class _Tally:
-    read: int = 0
-    kept: int = 0
-    chars: int = 0
-    tokens: int = 0
-    rejected: Counter = field(default_factory=Counter)
+def default_tasks(cfg: PrepareConfig, workers: int) -> int:
+    total = sum(Path(p).stat().st_size for p in cfg.inputs)
+    return cfg.tasks or max(workers, math.ceil(total / SHARD_BYTES))
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the pipeline; returns the report (also written to PREFIX.report.json)."""
+    from jp_peft.data import engine, pipeline
+    from jp_peft.data.workdir import WorkDir
+
     tok = load_tokenizer(cfg)
-    started = time.perf_counter()
-    bytes_read = sum(Path(p).stat().st_size for p in cfg.inputs)
-    progress = Progress(f"prepare {Path(cfg.output_prefix).name}", bytes_read, cfg.progress_interval,
-                        enabled=cfg.progress)
+    started = time.time()
+    workers = _workers(cfg)
+    work = WorkDir(cfg.work)
     with _sigterm_raises():
-        outputs = PreparedOutputs(cfg.output_prefix, cfg.format, cfg.val_fraction)
+        plan = pipeline.make_plan(cfg, workers, default_tasks(cfg, workers), special_tokens(tok), started)
+        if why := work.open_for(pipeline.fingerprint(plan)):
+            _note(f"{work}: {why}: starting afresh")
+        if resumed := pipeline.record_resume(work, plan):
+            _note(f"continuing from {work}: {resumed}")
+        pipeline.preload(cfg, tok)  # forked local tasks inherit it
         try:
-            tally, workers = _keep_or_reject_all(cfg, tok, outputs, progress)
-            report = _report(cfg, tally, outputs, bytes_read, time.perf_counter() - started, workers)
-            if report["kept_train"] == 0:
-                report["error"] = _nothing_to_train_on(report, cfg)
-                outputs.commit(report, with_datasets=False)  # the rejects are kept aside all the same
-                raise NothingKeptError(report["error"])
-            outputs.commit(report)
-            return report
-        except NothingKeptError:
+            engine.run_stages(pipeline.stages(plan, work), plan, work)
+        except (StrictModeError, InputFileError, ConfigError, NothingKeptError):
+            work.remove()  # the same input would fail the same way: nothing to continue from
+            raise
+        except engine.SlurmTaskError:
+            _note(f"kept {work} (the tasks' logs, and the shards they finished: rerun the same command to continue)")
             raise
         except BaseException:
-            outputs.abort()
-            raise
-        finally:
-            progress.close()
-
-
-def _keep_or_reject_all(cfg: PrepareConfig, tok, outputs: PreparedOutputs, progress: Progress) -> tuple[_Tally, int]:
-    """Every record through the workers, then dedup in input order; returns the tally and the worker count."""
-    tally = _Tally()
-    seen_hashes: set[str] = set()
-    near = NearDuplicateIndex(cfg.num_perm, cfg.near_dedup_threshold) if cfg.near_dedup else None
-    chunks = _chunks(_all_records(cfg), CHUNK_RECORDS)
-    cores = usable_cores()
-    # Read one chunk per worker ahead: a short input needs fewer workers than were asked for.
-    ahead = list(itertools.islice(chunks, min(cfg.workers, cores)))
-    workers, why = useful_workers(cfg.workers, cores, len(ahead), len(ahead) < min(cfg.workers, cores))
-    if why:
-        _note(f"--workers {cfg.workers}: using {workers} ({why})")
-    # closing(): on any exception the workers stop now, not when the generator is collected
-    with contextlib.closing(_process_in_order(cfg, tok, itertools.chain(ahead, chunks), workers)) as stream:
-        for item in stream:
-            tally.read += 1
-            if item.reason is None and cfg.dedup:
-                if item.hash in seen_hashes:
-                    item.reason, item.detail = "exact_duplicate", f"hash {item.hash}"
-                elif near is not None and (similarity := near.find(item.signature)) is not None:
-                    item.reason, item.detail = "near_duplicate", f"estimated Jaccard {similarity:.2f}"
-            if item.reason is not None:
-                if cfg.strict:
-                    raise StrictModeError(f"{item.source}:{item.line}: rejected ({item.reason}"
-                                          + (f": {item.detail}" if item.detail else "") + ")")
-                tally.rejected[item.reason] += 1
-                outputs.reject(item.source, item.line, item.reason, item.detail, item.raw, item.raw_b64)
+            if finished := work.completed("clean"):
+                _note(f"kept {work}: {len(finished)} of {plan.tasks} shards were cleaned; rerun the same command "
+                      "to continue from them")
             else:
-                seen_hashes.add(item.hash)
-                if near is not None:
-                    near.add(item.signature)
-                split = "validation" if is_validation(item.hash, cfg.val_fraction) else "train"
-                outputs.keep(split, item.tokens, item.examples)
-                tally.kept += 1
-                tally.chars += item.chars
-                tally.tokens += item.n_tokens
-            progress.update(tally.read, tally.kept, tally.read - tally.kept, item.input_pos)
-    return tally, workers
+                work.remove()
+            raise
+        report = json.loads(Path(cfg.output_prefix + ".report.json").read_text(encoding="utf-8"))
+        if not cfg.keep_work_dir:
+            work.remove()
+        return report
 
 
-def _report(cfg: PrepareConfig, tally: _Tally, outputs: PreparedOutputs, bytes_read: int, seconds: float,
-            workers: int) -> dict[str, Any]:
+def build_report(cfg: PrepareConfig, totals: dict[str, Any], shards: list[dict[str, Any]], extra: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """The report: the run's totals, every shard's own reconciliation, and how the run went."""
+    seconds = totals["seconds"]
     report = {
         "format": cfg.format,
         "inputs": list(cfg.inputs),
         "tokenizer": cfg.tokenizer,
-        "read": tally.read,
-        "kept": tally.kept,
-        "kept_train": outputs.counts["kept_train"],
-        "kept_validation": outputs.counts["kept_validation"],
-        "rejected": {reason: tally.rejected.get(reason, 0) for reason in REJECT_REASONS},
-        "rejected_total": sum(tally.rejected.values()),
-        "chars": tally.chars,
-        "tokens": tally.tokens,
-        "chars_per_token": round(tally.chars / tally.tokens, 4) if tally.tokens else None,
-        "bytes_read": bytes_read,
+        "read": totals["read"],
+        "kept": totals["kept_train"] + totals["kept_validation"],
+        "kept_train": totals["kept_train"],
+        "kept_validation": totals["kept_validation"],
+        "rejected": {reason: totals["rejected"].get(reason, 0) for reason in REJECT_REASONS},
+        "rejected_total": sum(totals["rejected"].values()),
+        "chars": totals["chars"],
+        "tokens": totals["tokens"],
+        "chars_per_token": round(totals["chars"] / totals["tokens"], 4) if totals["tokens"] else None,
+        "bytes_read": totals["bytes_read"],
         "seconds": round(seconds, 3),
-        "docs_per_second": round(tally.read / seconds, 1) if seconds else None,
-        "mb_per_second": round(bytes_read / 1e6 / seconds, 3) if seconds else None,
-        "workers": workers,
+        "docs_per_second": round(totals["read"] / seconds, 1) if seconds else None,
+        "mb_per_second": round(totals["bytes_read"] / 1e6 / seconds, 3) if seconds else None,
+        **extra,
+        "shards": shards,
         "config": asdict(cfg),
     }
     if cfg.format != "text":
-        report["examples_train"] = outputs.counts["examples_train"]
-        report["examples_validation"] = outputs.counts["examples_validation"]
+        report["examples_train"] = totals["examples_train"]
+        report["examples_validation"] = totals["examples_validation"]
     assert report["read"] == report["kept"] + report["rejected_total"], "report does not reconcile"
-    undeclared = set(tally.rejected) - set(REJECT_REASONS)
+    for shard in shards:
+        assert shard["read"] == shard["kept"] + shard["rejected"], f"shard {shard['shard']} does not reconcile"
+    undeclared = set(totals["rejected"]) - set(REJECT_REASONS)
     assert not undeclared, f"reject reasons missing from REJECT_REASONS: {undeclared}"
     return report
 
 
-def _nothing_to_train_on(report: dict[str, Any], cfg: PrepareConfig) -> str:
+def nothing_to_train_on(report: dict[str, Any], cfg: PrepareConfig) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in report["rejected"].items() if v) or "none"
     if report["read"] == 0:
         what = "no records in the input"

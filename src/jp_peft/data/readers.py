@@ -3,6 +3,10 @@
 Every physical input unit becomes a `RawRecord` carrying its source file and line, so that
 whatever happens to it later (kept or rejected) can be traced back to file:line, and its exact
 bytes, so that a rejected record can be restored as it was.
+
+An uncompressed file can be read one byte range at a time (`iter_records(path, start, end,
+first_line)`), so that several tasks share a big file: a record belongs to the range that holds
+its first byte, whichever range its last byte lies in. A gzip file is always read whole.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from jp_peft.data.errors import InputFileError
 
 FORMATS = ("text", "alpaca", "chatml")
 UTF8_BOM = b"\xef\xbb\xbf"
+_BACK_CHUNK = 1 << 16
 
 
 @dataclass
@@ -32,6 +37,12 @@ class RawRecord:
     error: str | None = None  # reject reason decided while reading ("invalid_utf8: ...", "invalid_json: ...")
     raw_b64: str = ""
     input_pos: int = 0  # bytes of this file read from disk once this record is read (compressed, for gzip)
+    input_index: int = 0  # which of the run's inputs (the same path may be given twice)
+
+
+def is_gzip(path: str | Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
 
 
 def _without_terminator(line: bytes) -> bytes:
@@ -41,25 +52,68 @@ def _without_terminator(line: bytes) -> bytes:
     return line[:-1] if line.endswith(b"\n") else line
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
-    """(line number, the line's bytes with its terminator, bytes read from disk so far).
+def line_start_at_or_after(path: str | Path, start: int) -> int:
+    """Offset of the first line that starts at or after byte `start` (the file's size if none does)."""
+    if start <= 0:
+        return 0
+    with open(path, "rb") as disk:
+        disk.seek(start - 1)
+        disk.readline()  # the rest of a line that began before `start`
+        return disk.tell()
+
+
+def _is_blank(line: bytes) -> bool:
+    return not line.decode("utf-8", "replace").strip()
+
+
+def previous_line_is_blank(path: str | Path, line_start: int) -> bool:
+    """Whether the line before the one starting at `line_start` is blank (True at the start of the file)."""
+    if line_start <= 0:
+        return True
+    with open(path, "rb") as disk:
+        end = line_start  # the previous line is data[begin:end], its "\n" at end - 1
+        pos, tail = end - 1, b""
+        while True:
+            lo = max(0, pos - _BACK_CHUNK)
+            disk.seek(lo)
+            chunk = disk.read(pos - lo) + tail
+            cut = chunk.rfind(b"\n")
+            if cut >= 0 or lo == 0:
+                line = chunk[cut + 1:]
+                if lo == 0 and cut < 0 and line.startswith(UTF8_BOM):
+                    line = line[len(UTF8_BOM):]
+                return _is_blank(line)
+            pos, tail = lo, chunk
+
+
+def _lines(path: Path, start: int = 0, first_line: int = 1) -> Iterator[tuple[int, bytes, int, int]]:
+    """(line number, the line's bytes with its terminator, bytes read from disk so far, offset of the
+    line's first byte), from the first line that starts at or after `start`.
 
     A UTF-8 byte-order mark at the start of the file marks the encoding, it is not part of the
     first record. A gzip stream that is truncated or corrupt stops the run (InputFileError, naming
     the last line read) rather than passing for a shorter input.
     """
-    line_no = 0
+    line_no = first_line - 1
     with open(path, "rb") as disk:
-        is_gzip = disk.read(2) == b"\x1f\x8b"
+        gzipped = disk.read(2) == b"\x1f\x8b"
         disk.seek(0)
-        handle = gzip.GzipFile(fileobj=disk, mode="rb") if is_gzip else disk
+        if gzipped and start:
+            raise ValueError(f"{path}: a gzip file is read whole, not from byte {start}")
+        handle = gzip.GzipFile(fileobj=disk, mode="rb") if gzipped else disk
+        if start:
+            disk.seek(start - 1)
+            disk.readline()
+        offset = disk.tell()
         try:
-            for line_no, line in enumerate(handle, start=1):
-                if line_no == 1 and line.startswith(UTF8_BOM):
+            for line_no, line in enumerate(handle, start=first_line):
+                length = len(line)
+                if offset == 0 and line.startswith(UTF8_BOM):
                     line = line[len(UTF8_BOM):]
-                yield line_no, line, disk.tell()
+                yield line_no, line, disk.tell(), offset
+                offset += length
         except (EOFError, OSError, zlib.error) as exc:
-            what = "truncated or corrupt gzip data" if is_gzip else "read error"
+            what = "truncated or corrupt gzip data" if gzipped else "read error"
             where = f"after line {line_no}" if line_no else "before the first line"
             raise InputFileError(f"{path}: {what} {where}: {exc}") from None
 
@@ -69,12 +123,14 @@ def _is_jsonl(path: Path) -> bool:
     return name.endswith((".jsonl", ".json", ".ndjson"))
 
 
-def iter_records(path: str | Path) -> Iterator[RawRecord]:
+def iter_records(path: str | Path, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[RawRecord]:
+    """The records whose first byte lies in [start, end) (the whole file by default); `first_line` is
+    the number of the first line that starts at or after `start`."""
     path = Path(path)
     if _is_jsonl(path):
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, start, end, first_line)
     else:
-        yield from _iter_text_blocks(path)
+        yield from _iter_text_blocks(path, start, end, first_line)
 
 
 def _undecodable(path: Path, line_no: int, data: bytes, detail: str, pos: int) -> RawRecord:
@@ -82,8 +138,10 @@ def _undecodable(path: Path, line_no: int, data: bytes, detail: str, pos: int) -
                      raw_b64=base64.b64encode(data).decode("ascii"), input_pos=pos)
 
 
-def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
-    for line_no, line, pos in _lines(path):
+def _iter_jsonl(path: Path, start: int, end: int | None, first_line: int) -> Iterator[RawRecord]:
+    for line_no, line, pos, offset in _lines(path, start, first_line):
+        if end is not None and offset >= end:
+            break
         data = _without_terminator(line)
         if not data.strip():
             continue
@@ -114,21 +172,31 @@ def _parse_json_object(raw: str) -> tuple[dict[str, Any] | None, str | None]:
     return record, None
 
 
-def _iter_text_blocks(path: Path) -> Iterator[RawRecord]:
-    """One document per blank-line-separated block; `line` is the block's first line."""
+def _iter_text_blocks(path: Path, start: int, end: int | None, first_line: int) -> Iterator[RawRecord]:
+    """One document per blank-line-separated block; `line` is the block's first line. A block that
+    started before `start` belongs to the range before; one that starts before `end` is read to its
+    last line, past `end` if need be."""
     block: list[bytes] = []
-    start = pos = 0
-    for line_no, line, pos in _lines(path):
-        if line.decode("utf-8", "replace").strip():
+    block_start = pos = 0
+    # Lines that continue a block begun before `start` are skipped up to the next blank line.
+    skipping = start > 0 and not previous_line_is_blank(path, line_start_at_or_after(path, start))
+    for line_no, line, pos, offset in _lines(path, start, first_line):
+        if end is not None and offset >= end and not block:
+            break
+        blank = _is_blank(line)
+        if skipping:
+            skipping = not blank
+            continue
+        if not blank:
             if not block:
-                start = line_no
+                block_start = line_no
             block.append(line)
             continue
         if block:
-            yield _text_record(path, start, block, pos)
+            yield _text_record(path, block_start, block, pos)
             block = []
     if block:
-        yield _text_record(path, start, block, pos)
+        yield _text_record(path, block_start, block, pos)
 
 
 def _text_record(path: Path, start: int, block: list[bytes], pos: int) -> RawRecord:
@@ -140,3 +208,18 @@ def _text_record(path: Path, start: int, block: list[bytes], pos: int) -> RawRec
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1)
         return _undecodable(path, start, data, f"line {bad_line} byte {column}", pos)
     return RawRecord(str(path), start, raw, {"text": raw}, input_pos=pos)
+
+
+def count_newlines(path: str | Path, start: int, end: int, chunk: int = 1 << 24) -> int:
+    """Number of b"\\n" in bytes [start, end) of an uncompressed file."""
+    count = 0
+    with open(path, "rb") as disk:
+        disk.seek(start)
+        left = end - start
+        while left > 0:
+            data = disk.read(min(chunk, left))
+            if not data:
+                break
+            count += data.count(b"\n")
+            left -= len(data)
+    return count
