@@ -73,7 +73,10 @@ def render(preset: str, profile, overrides: list[str], sweep: list[str], root: P
     profile = dataclasses.replace(profile, **profile_changes)
     overrides = [o.replace("{ROOT}", str(root)) for o in overrides] + [f"output_dir={root / 'runs'}"]
     tasks = plan(load_preset(REPO / "recipes/configs" / preset), overrides, sweep)
-    return tasks, render_sbatch_scripts(tasks, profile)
+    recipes = None
+    if tasks[0].spec.backend == "megatron":  # as experiments/qwen_lora_ja.py does: the recipe composes NeMo's calls
+        from recipes import qwen25_500m_ja as recipes
+    return tasks, render_sbatch_scripts(tasks, profile, recipes)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

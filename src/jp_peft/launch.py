@@ -286,10 +286,11 @@ def task_log(exp, task: PlannedTask) -> str:
     return str(logs[0]) if logs else str(job_dir)
 
 
-def render_sbatch_scripts(tasks: list[PlannedTask], profile, recipes) -> dict[str, str]:
-    """The sbatch script NeMo-Run would submit for each task (a dry run; nothing is submitted)."""
+def render_sbatch_scripts(tasks: list[PlannedTask], profile, recipes=None, base_dir: Path | None = None) -> dict[str, str]:
+    """The sbatch script NeMo-Run would submit for each task, keyed by task name (a dry run; nothing
+    is submitted). NeMo-Run writes the scripts under `base_dir` (default: the run's launches dir)."""
     first = tasks[0].spec
-    base_dir = rundir.launches_dir(first)
+    base_dir = base_dir or rundir.launches_dir(first)
     exp = new_experiment(first.group_name, base_dir)
     with exp:
         add_tasks(exp, tasks, executor_factory("slurm", profile, base_dir), recipes)
@@ -315,6 +316,9 @@ def show_dryrun(tasks: list[PlannedTask], executor: str, profile, recipes) -> in
             print(f"\n=== {task.name} ({task.stage}{' ' + task.target if task.target else ''}) ===")
             print(format_config(task_config(task, recipes)))
             print(f"executor: {executor_for(task)!r}")
+        if executor == "slurm":  # what sbatch would receive, rendered in the scratch dir
+            for name, script in render_sbatch_scripts(tasks, profile, recipes, Path(scratch) / "sbatch").items():
+                print(f"\n=== {name}: sbatch script ===\n{script}")
     return 0
 
 
