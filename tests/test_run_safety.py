@@ -133,6 +133,8 @@ def test_a_signal_stops_the_running_stage_saves_and_says_how_to_resume(tmp_path,
     assert not (tmp_path / "smoke" / "launches" / "experiments" / "smoke-export-cpt").exists()  # nothing else began
     time.sleep(1)
     assert _processes_mentioning(str(tmp_path)) == []  # no stage process left behind
+    if sig != signal.SIGINT:
+        return  # resuming does not depend on which signal stopped the run: checked once, after Ctrl-C
 
     resumed = subprocess.run([*EXPERIMENT, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
