@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,12 @@ def test_a_signal_stops_the_running_stage_saves_and_says_how_to_resume(tmp_path,
     assert _processes_mentioning(str(tmp_path)) == []  # no stage process left behind
     if sig != signal.SIGINT:
         return  # resuming does not depend on which signal stopped the run: checked once, after Ctrl-C
+    status = subprocess.run([sys.executable, "-m", "jp_peft.cli", "status", str(tmp_path / "smoke")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"^  smoke-cpt +unfinished\n    \[jp-peft\] cpt step \d+/60 loss", status.stdout, re.M), status.stdout
+    assert re.search(r"^  smoke-export-cpt +not started$", status.stdout, re.M), status.stdout
+    assert "no launch holds it" in status.stdout
 
     resumed = subprocess.run([*EXPERIMENT, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

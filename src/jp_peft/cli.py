@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   jp-peft data prepare --input data/ja/cpt.train.jsonl --format text --tokenizer /models/Qwen2.5-0.5B \\
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jp_peft.evaluation.cli import DESCRIPTION as EVAL_DESCRIPTION, EPILOG as EVAL_EPILOG, add_eval_arguments
 
+    status = sub.add_parser("status", help="a run's stages: done, unfinished (step, loss, tokens/s, ETA), not started; "
+                            "its lock holder and Slurm jobs")
+    status.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/smoke")
     add_eval_arguments(sub.add_parser("eval", help="score a model/adapter on downstream tasks (lm-eval, offline)",
                                       description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -216,6 +220,16 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         return cmd_stage(args)
+    if args.command == "status":
+        from jp_peft.run_status import status_lines
+        from jp_peft.spec import SpecError
+
+        try:
+            print("\n".join(status_lines(args.run_dir)))
+        except SpecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "eval":
         from jp_peft.evaluation.cli import run_eval_command
 

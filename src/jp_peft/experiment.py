@@ -108,6 +108,26 @@ class PlannedTask:
     target: str | None = None  # the trained stage an export task exports
 
 
+def run_sequence(spec: ExperimentSpec, shared: bool) -> list[tuple[str, str | None]]:
+    """(stage, export target) in launch order: the stages a group shares (import, data; shared=True)
+    or those of one run (training, exports, eval; shared=False). Each depends on the one before."""
+    if shared:
+        return [(stage, None) for stage in SHARED_STAGES if stage in spec.stages]
+    sequence: list[tuple[str, str | None]] = []
+    for stage in TRAINED_STAGES:
+        if stage in spec.stages:
+            sequence.append((stage, None))
+            if "export" in spec.stages:
+                sequence.append(("export", stage))
+    if "eval" in spec.stages:
+        sequence.append(("eval", None))
+    return sequence
+
+
+def task_name(spec: ExperimentSpec, stage: str, target: str | None = None) -> str:
+    return f"{spec.name}-export-{target}" if stage == "export" else f"{spec.name}-{stage}"
+
+
 def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None = None) -> list[PlannedTask]:
     """The tasks of the experiment, in launch order, with their dependencies; validates every spec."""
     variants = parse_sweep(sweep)
@@ -119,10 +139,9 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
     base = resolve_spec(values, overrides)
     tasks: list[PlannedTask] = []
     previous_shared: list[str] = []
-    for stage in SHARED_STAGES:
-        if stage in base.stages:
-            tasks.append(PlannedTask(f"{base.name}-{stage}", stage, base, list(previous_shared)))
-            previous_shared = [tasks[-1].name]
+    for stage, _ in run_sequence(base, shared=True):
+        tasks.append(PlannedTask(task_name(base, stage), stage, base, list(previous_shared)))
+        previous_shared = [tasks[-1].name]
     for variant in variants:
         if variant:
             suffix = variant_suffix(variant)
@@ -136,15 +155,9 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
 
             to_nemo_targets(spec.lora.target_modules)
         deps = list(previous_shared)
-        for stage in TRAINED_STAGES:
-            if stage in spec.stages:
-                tasks.append(PlannedTask(f"{spec.name}-{stage}", stage, spec, deps))
-                deps = [tasks[-1].name]
-                if "export" in spec.stages:
-                    tasks.append(PlannedTask(f"{spec.name}-export-{stage}", "export", spec, deps, target=stage))
-                    deps = [tasks[-1].name]
-        if "eval" in spec.stages:
-            tasks.append(PlannedTask(f"{spec.name}-eval", "eval", spec, deps))
+        for stage, target in run_sequence(spec, shared=False):
+            tasks.append(PlannedTask(task_name(spec, stage, target), stage, spec, deps, target=target))
+            deps = [tasks[-1].name]
     if not tasks:
         raise SpecError("stages: nothing to run")
     return tasks

@@ -213,21 +213,18 @@ class ProgressWatcher:
         print(line, file=sys.__stdout__, flush=True)
 
     def _run(self) -> None:
-        from jp_peft.progress import progress_line
+        from jp_peft.progress import latest_progress
 
         spec, stage = self.task.spec, self.task.stage
         log = rundir.train_log(spec, stage) if stage in TRAINING else None
-        shown, seconds, last_beat = 0, [], time.time()
+        shown, last_beat = 0, time.time()
         while not self._stop.wait(self.every_s):
-            if log is not None and log.exists() and log.stat().st_mtime >= self.started_at:
-                rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if '"train/loss"' in line]
-                if rows and rows[-1]["trainer/global_step"] != shown:
-                    row = rows[-1]
-                    shown = row["trainer/global_step"]
-                    seconds = [r["perf/step_time_s"] for r in rows]
-                    self._say(progress_line(f"{self.task.name}:", shown, spec.stage(stage).train.max_steps,
-                                            row["train/loss"], row["perf/tokens_per_s"], seconds))
-                    last_beat = time.time()
+            latest = latest_progress(log, f"{self.task.name}:", spec.stage(stage).train.max_steps,
+                                     since=self.started_at) if log is not None else None
+            if latest is not None and latest[0] != shown:
+                shown = latest[0]
+                self._say(latest[1])
+                last_beat = time.time()
             if time.time() - last_beat >= 30:
                 self._say(f"[jp-peft] {self.task.name}: running ({time.time() - self.started_at:.0f} s)")
                 last_beat = time.time()
@@ -262,12 +259,31 @@ def follow_slurm(tasks: list[PlannedTask], specs, exp, wait: bool, started: floa
     if not wait:
         print("submitted; follow with `squeue`, or rerun with --wait")
         return 0
-    states = wait_for(jobs)
+    states = wait_for(jobs, on_poll=slurm_progress_printer(tasks))
     for job in exp.jobs:
         state, reason = states[job.id]
         if state != "COMPLETED":
             print(f"FAILED: {job.id}: {state} ({reason}); log: {job.executor.job_details.stdout}", file=sys.stderr)
     return report(tasks, exp, time.perf_counter() - started)
+
+
+def slurm_progress_printer(tasks: list[PlannedTask]):
+    """For --wait: a function that prints each training job's newest progress line once (the same line
+    a local launch shows, read from the stage's train_log.jsonl on the shared filesystem)."""
+    from jp_peft.progress import latest_progress
+
+    since, shown = time.time(), {}
+
+    def print_new() -> None:
+        for task in tasks:
+            if task.stage in TRAINING:
+                latest = latest_progress(rundir.train_log(task.spec, task.stage), f"{task.name}:",
+                                         task.spec.stage(task.stage).train.max_steps, since=since)
+                if latest is not None and shown.get(task.name) != latest[0]:
+                    shown[task.name] = latest[0]
+                    print(latest[1], flush=True)
+
+    return print_new
 
 
 def report(tasks: list[PlannedTask], exp, seconds: float) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def progress_line(stage: str, step: int, max_steps: int, loss: float | None, tokens_per_s: float,
                   step_seconds: list[float]) -> str:
@@ -11,3 +14,27 @@ def progress_line(stage: str, step: int, max_steps: int, loss: float | None, tok
     loss_text = f"{loss:.4f}" if loss is not None else "n/a"
     return (f"[jp-peft] {stage} step {step}/{max_steps} loss {loss_text} {tokens_per_s:,.0f} tok/s "
             f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+
+
+def latest_progress(train_log: Path, label: str, max_steps: int, since: float = 0.0) -> tuple[int, str] | None:
+    """(step, progress line) of the newest training row in a stage's train_log.jsonl, or None when it
+    has none yet (or only rows older than `since`, a time.time() value: a previous attempt's log)."""
+    try:
+        if train_log.stat().st_mtime < since:
+            return None
+        lines = train_log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    rows = []
+    for line in lines:
+        if '"train/loss"' in line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the line being written right now
+                continue
+    if not rows:
+        return None
+    row = rows[-1]
+    step = row["trainer/global_step"]
+    return step, progress_line(label, step, max_steps, row["train/loss"], row["perf/tokens_per_s"],
+                               [r["perf/step_time_s"] for r in rows])

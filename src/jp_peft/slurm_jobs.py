@@ -31,8 +31,10 @@ def is_finished(state: str, reason: str) -> bool:
     return state in TERMINAL or (state == "PENDING" and reason == "DependencyNeverSatisfied")
 
 
-def wait_for(job_ids: dict[str, str], timeout_s: float = 24 * 3600, poll_s: float = 5.0, log=print) -> dict[str, tuple]:
-    """Wait until every job (name -> id) has finished; returns name -> (state, reason)."""
+def wait_for(job_ids: dict[str, str], timeout_s: float = 24 * 3600, poll_s: float = 5.0, log=print,
+             on_poll=None) -> dict[str, tuple]:
+    """Wait until every job (name -> id) has finished; returns name -> (state, reason). `on_poll()`
+    runs at every poll (the launcher prints training progress there)."""
     deadline = time.time() + timeout_s
     last: dict[str, tuple] = {}
     while True:
@@ -41,6 +43,8 @@ def wait_for(job_ids: dict[str, str], timeout_s: float = 24 * 3600, poll_s: floa
             if state != last.get(name):
                 log(f"  {name} (job {job_ids[name]}): {state[0]}" + (f" ({state[1]})" if state[1] not in ("", "None") else ""))
         last = states
+        if on_poll is not None:
+            on_poll()
         if all(is_finished(*s) for s in states.values()) or time.time() > deadline:
             return states
         time.sleep(poll_s)
