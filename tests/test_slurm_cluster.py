@@ -58,6 +58,9 @@ def test_stages_complete_in_dependency_order(slurm_smoke):
         d = out / "smoke" / stage
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["steps"] == (8 if stage == "cpt" else 6)
+        assert (d / "hf_adapter" / "adapter_model.safetensors").exists() and (d / "hf_merged" / "config.json").exists()
+        assert all(c["ok"] for c in json.loads((d / "export.json").read_text())["checks"])
+    assert "JA before" in proc.stdout
     # --wait shows the training progress a local launch shows, read from the jobs' logs
     assert re.search(r"\[jp-peft\] smoke-cpt: step \d+/8 loss \d+\.\d+ [\d,]+ tok/s ETA", proc.stdout), proc.stdout[-3000:]
     status = subprocess.run([sys.executable, "-m", "jp_peft.cli", "status", str(out / "smoke")], capture_output=True,
@@ -66,9 +69,6 @@ def test_stages_complete_in_dependency_order(slurm_smoke):
     for name in order:
         assert re.search(rf"^  {name} +done  \(job \d+ COMPLETED\)$", status.stdout, re.M), status.stdout
     assert "[jp-peft] sft step 6/6" in status.stdout
-        assert (d / "hf_adapter" / "adapter_model.safetensors").exists() and (d / "hf_merged" / "config.json").exists()
-        assert all(c["ok"] for c in json.loads((d / "export.json").read_text())["checks"])
-    assert "JA before" in proc.stdout
     batch_logs = sorted(out.rglob("sbatch_jp-peft.smoke-*.out"))
     assert len(batch_logs) == len(order)
     for log in batch_logs:  # every job printed the stack it ran, and it was the pinned one

@@ -138,7 +138,8 @@ def cmd_stage(args) -> int:
 
 def cmd_data_prepare(args) -> int:
     from jp_peft.data.errors import ConfigError, PrepareError, StrictModeError
-    from jp_peft.data.prepare import PrepareConfig, prepare
+    from jp_peft.data.prepare import PrepareConfig
+    from jp_peft.data.run import prepare
 
     instructions = args.format != "text"
     try:

@@ -8,7 +8,6 @@ backend's (jp_peft.backends.stages_of). Every stage ends by writing its record
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,8 @@ def run_data(exp: ExperimentSpec) -> dict:
     prepare`'s pipeline: on this machine's cores, or as Slurm array jobs when this stage is a Slurm job
     and the sources are large (jp_peft.data.engine.executor_for)."""
     from jp_peft.data.engine import executor_for
-    from jp_peft.data.prepare import PrepareConfig, prepare
+    from jp_peft.data.prepare import PrepareConfig
+    from jp_peft.data.run import prepare
 
     tokenizer = rundir.base_model_dir(exp)
     reports = {}

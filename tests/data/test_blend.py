@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from jp_peft.cli import main
-from jp_peft.data.prepare import PrepareConfig, prepare
+from jp_peft.data.prepare import PrepareConfig
+from jp_peft.data.run import prepare
 
 JA = ["東京都は二日、新しい図書館の開館日を発表した。蔵書は約三十万冊で、平日は夜九時まで利用できる。",
       "春の京都は観光客でにぎわう。哲学の道の桜は今年も見事で、川沿いの小道をゆっくり歩く人が多かった。",

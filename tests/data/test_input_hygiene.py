@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from jp_peft.data.prepare import REJECT_REASONS, PrepareConfig, prepare
+from jp_peft.data.prepare import REJECT_REASONS, PrepareConfig
+from jp_peft.data.run import prepare
 
 DOC = "東京都は二日、新しい図書館の開館日を発表した。蔵書は約三十万冊で、平日は夜九時まで利用できる。"
 
@@ -171,7 +172,7 @@ def test_input_that_keeps_nothing_fails_without_writing_an_empty_dataset(tmp_pat
     assert written == ["english.jsonl", "out.rejected.jsonl", "out.report.json"]  # the rejects are kept aside
     report = json.loads((tmp_path / "out.report.json").read_text())
     assert reconciles(report) and report["kept"] == 0 and len(rejects(tmp_path / "out")) == 2
-    from jp_peft.data.prepare import NothingKeptError
+    from jp_peft.data.errors import NothingKeptError
 
     with pytest.raises(NothingKeptError, match="all 2 records were rejected"):
         prepare(config(tiny_base, [src], tmp_path / "again", format=fmt))

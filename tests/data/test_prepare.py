@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from jp_peft.data.normalize import normalize_text
-from jp_peft.data.prepare import PrepareConfig, StrictModeError, prepare
+from jp_peft.data.errors import StrictModeError
+from jp_peft.data.prepare import PrepareConfig
+from jp_peft.data.run import prepare
 
 DOC_A = ("東京都は二日、新しい図書館の開館日を発表した。蔵書は約三十万冊で、平日は夜九時まで利用できる。"
          "館内には子ども向けの読書室やカフェも設けられ、週末には作家を招いた講演会も開かれる予定だという。")

@@ -100,6 +100,7 @@ def test_workers_are_capped_at_the_useful_number_and_the_run_says_so(tmp_path, t
 WORKER_DIES = """
 import os, sys
 import jp_peft.data.prepare as prepare
+from jp_peft.data.run import prepare as run_prepare
 
 def die(chunk):  # what the OOM killer does to a worker
     os._exit(3)
@@ -109,7 +110,7 @@ prepare.usable_cores = lambda: 4  # two workers even on a one-core machine
 cfg = prepare.PrepareConfig(inputs=(sys.argv[1],), output_prefix=sys.argv[2], tokenizer=sys.argv[3], workers=2,
                             progress=False)
 try:
-    prepare.prepare(cfg)
+    run_prepare(cfg)
 except Exception as exc:
     print(f"{type(exc).__name__}: {exc}")
     sys.exit(1)

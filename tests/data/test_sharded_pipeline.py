@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from jp_peft.data.normalize import is_japanese_char, japanese_ratio
-from jp_peft.data.prepare import PrepareConfig, prepare
+from jp_peft.data.prepare import PrepareConfig
+from jp_peft.data.run import prepare
 
 DOC = "東京都は二日、新しい図書館の開館日を発表した。蔵書は約三十万冊で、平日は夜九時まで利用できる。"
 KANA = "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわをん"

@@ -33,9 +33,7 @@ import numpy as np
 
 from jp_peft.data import chat
 from jp_peft.data.dedup import MinHasher, content_hash
-# StrictModeError and NothingKeptError are what callers of prepare() catch; they import them from here.
-from jp_peft.data.errors import (ConfigError, InputFileError, NothingKeptError, PrepareError, StrictModeError,
-                                 Terminated)
+from jp_peft.data.errors import ConfigError, StrictModeError, Terminated
 from jp_peft.data.normalize import japanese_ratio, normalize_text
 from jp_peft.data.outputs import input_inside, overwritten_input, planned_outputs
 from jp_peft.data.pool import usable_cores, useful_workers
@@ -310,14 +308,14 @@ def strict_error(source: str, line: int, reason: str, detail: str) -> StrictMode
     return StrictModeError(f"{source}:{line}: rejected ({reason}" + (f": {detail}" if detail else "") + ")")
 
 
-def _note(message: str) -> None:
+def note(message: str) -> None:
     print(f"prepare: {message}", file=sys.stderr, flush=True)
 
 
 # --- main process -----------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def sigterm_raises():
     """SIGTERM raises Terminated in the main thread, so that the temporary outputs get removed."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -338,7 +336,7 @@ def _all_records(cfg: PrepareConfig) -> Iterator[RawRecord]:
         yield from iter_records(path)
 
 
-def _workers(cfg: PrepareConfig) -> int:
+def planned_workers(cfg: PrepareConfig) -> int:
     """Local processes worth starting: no more than the usable cores, nor than a short input's chunks of
     CHUNK_RECORDS records (read ahead here); says so when that is fewer than asked for."""
     cores = usable_cores()
@@ -347,50 +345,13 @@ def _workers(cfg: PrepareConfig) -> int:
     chunks = math.ceil(ahead / CHUNK_RECORDS)
     workers, why = useful_workers(cfg.workers, cores, chunks, ahead <= want * CHUNK_RECORDS)
     if why and cfg.executor == "local":
-        _note(f"--workers {cfg.workers}: using {workers} ({why})")
+        note(f"--workers {cfg.workers}: using {workers} ({why})")
     return workers
 
 
 def default_tasks(cfg: PrepareConfig, workers: int) -> int:
     total = sum(Path(p).stat().st_size for p in cfg.inputs)
     return cfg.tasks or max(workers, math.ceil(total / SHARD_BYTES))
-
-
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Run the pipeline; returns the report (also written to PREFIX.report.json)."""
-    from jp_peft.data import engine, pipeline
-    from jp_peft.data.workdir import WorkDir
-
-    tok = load_tokenizer(cfg)
-    started = time.time()
-    workers = _workers(cfg)
-    work = WorkDir(cfg.work)
-    with _sigterm_raises():
-        plan = pipeline.make_plan(cfg, workers, default_tasks(cfg, workers), special_tokens(tok), started)
-        if why := work.open_for(pipeline.fingerprint(plan)):
-            _note(f"{work}: {why}: starting afresh")
-        if resumed := pipeline.record_resume(work, plan):
-            _note(f"continuing from {work}: {resumed}")
-        pipeline.preload(cfg, tok)  # forked local tasks inherit it
-        try:
-            engine.run_stages(pipeline.stages(plan, work), plan, work)
-        except (StrictModeError, InputFileError, ConfigError, NothingKeptError):
-            work.remove()  # the same input would fail the same way: nothing to continue from
-            raise
-        except engine.SlurmTaskError:
-            _note(f"kept {work} (the tasks' logs, and the shards they finished: rerun the same command to continue)")
-            raise
-        except BaseException:
-            if finished := work.completed("clean"):
-                _note(f"kept {work}: {len(finished)} of {plan.tasks} shards were cleaned; rerun the same command "
-                      "to continue from them")
-            else:
-                work.remove()
-            raise
-        report = json.loads(Path(cfg.output_prefix + ".report.json").read_text(encoding="utf-8"))
-        if not cfg.keep_work_dir:
-            work.remove()
-        return report
 
 
 def build_report(cfg: PrepareConfig, totals: dict[str, Any], shards: list[dict[str, Any]], extra: dict[str, Any]
