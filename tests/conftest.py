@@ -33,6 +33,20 @@ def repo() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cluster():
+    """The single-node Slurm cluster of slurm/local/ (installed and started once; root only)."""
+    import subprocess
+
+    for script in ("install.sh", "start.sh"):
+        proc = subprocess.run(["bash", str(REPO / "slurm/local" / script)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            if os.geteuid() != 0:
+                pytest.skip(f"the local Slurm cluster needs root to install/start: {proc.stderr.strip()}")
+            raise AssertionError(f"slurm/local/{script} failed: {proc.stdout}{proc.stderr}")
+    return True
+
+
+@pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """The embedded tiny Qwen2 (built once per cache, like the smoke run does)."""
     from jp_peft.tiny import ensure_tiny_base

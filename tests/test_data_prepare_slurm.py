@@ -32,17 +32,6 @@ if os.environ.get("SLURM_JOB_NAME") == "jp-peft.prepare.clean":
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    for script in ("install.sh", "start.sh"):
-        proc = subprocess.run(["bash", str(REPO / "slurm/local" / script)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            if os.geteuid() != 0:
-                pytest.skip(f"the local Slurm cluster needs root to install/start: {proc.stderr.strip()}")
-            raise AssertionError(f"slurm/local/{script} failed: {proc.stdout}{proc.stderr}")
-    return True
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Kept, rejected and duplicate records, the duplicates in other shards than their originals."""
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"

@@ -20,17 +20,6 @@ SHORT = ["cpt.train.max_steps=8", "cpt.train.val_check_interval=4", "cpt.train.l
          "sft.train.max_steps=6", "sft.train.val_check_interval=3", "sft.train.limit_val_batches=2"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    for script in ("install.sh", "start.sh"):
-        proc = subprocess.run(["bash", str(REPO / "slurm/local" / script)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            if os.geteuid() != 0:
-                pytest.skip(f"the local Slurm cluster needs root to install/start: {proc.stderr.strip()}")
-            raise AssertionError(f"slurm/local/{script} failed: {proc.stdout}{proc.stderr}")
-    return True
-
-
 def submitted_jobs(stdout: str) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\S+): slurm job (\d+), log", stdout, flags=re.M))
 
