@@ -26,16 +26,21 @@ def data_section() -> list[str]:
     m = r["machine"]
     load = (f" (load average {m['load_average_before'][0]:.1f} before, {m['load_average_after'][0]:.1f} after)"
             if "load_average_before" in m else "")
+    tiny = (" (the embedded tiny Qwen2's byte-level BPE, with Qwen2's pre-tokenizer; Qwen2.5's own tokenizer was not "
+            "available offline)" if Path(r["tokenizer"]).name.startswith("tiny-qwen2") else "")
     lines = [f"Corpus: {r['input']} ({r['documents']:,} documents, {r['bytes'] / 1e6:.1f} MB; Debian manpages-ja "
-             f"extracted by bench/debian_ja_corpus.py), tokenizer {Path(r['tokenizer']).name}, {r['workers']} workers "
+             f"extracted by bench/debian_ja_corpus.py), tokenizer {Path(r['tokenizer']).name}{tiny}, {r['workers']} workers "
              f"(jp-peft: {r.get('tasks', r['workers'])} tasks on datatrove {r.get('datatrove', '?')}'s local executor), "
-             f"{r['repeats']} rounds alternating the two, each end to end as a subprocess (start-up and imports "
+             f"{r['repeats']} rounds alternating the {len(r['results'])} configurations, each end to end as a subprocess "
+             f"(start-up and imports "
              f"included), on {m['cpus']} CPUs{load}. Megatron-LM: {r['megatron_lm']}.", "",
-             "| pipeline | median wall s | docs/s | MB/s | peak RSS of any process |", "|---|---|---|---|---|"]
+             "| pipeline | input documents | median wall s | docs/s | MB/s | peak RSS of any process |",
+             "|---|---|---|---|---|---|"]
     for name, v in r["results"].items():
         rss = f"{v['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in v else "-"
-        lines.append(f"| {name} | {v['median_seconds']:.2f} | {v['docs_per_second']:.1f} | {v['mb_per_second']:.2f} "
-                     f"| {rss} |")
+        rate = (f"{v['docs_per_second']:.1f} | {v['mb_per_second']:.2f}" if v.get("documents", r["documents"]) > 1
+                else "- | -")  # a one-document run measures fixed costs only
+        lines.append(f"| {name} | {v.get('documents', r['documents']):,} | {v['median_seconds']:.2f} | {rate} | {rss} |")
     rejected = ", ".join(f"{k} {v}" for k, v in r["jp_peft_extra_work"]["rejected"].items() if v)
     rounds = r.get("ratio_per_round")
     per_round = f" (median of the rounds: {', '.join(f'{x:.2f}' for x in rounds)})" if rounds else ""
@@ -43,6 +48,23 @@ def data_section() -> list[str]:
               f"while also validating, NFKC-normalising, filtering and deduplicating across shards (kept "
               f"{r['jp_peft_extra_work']['kept']:,}; rejected: {rejected}). Megatron tokenises every document; "
               "jp-peft tokenises only those it keeps, in batches, in the Rust tokenizer."]
+    if "ratio_without_fixed_costs" in r:
+        res, tokens = r["results"], r["tokens"]
+        lines += ["", "Where the ratio comes from, measured in the same rounds: (1) fixed costs: on one document "
+                  f"Megatron takes {res['megatron_one_document']['median_seconds']:.1f} s (interpreter, importing "
+                  f"megatron.core and torch, its pool), jp-peft {res['jp_peft_one_document']['median_seconds']:.1f} s; "
+                  "with each program's one-document time of the same round subtracted, the ratio is "
+                  f"**{r['ratio_without_fixed_costs']:.2f}x** (rounds: "
+                  f"{', '.join(f'{x:.2f}' for x in r['ratio_without_fixed_costs_per_round'])}), which is what a corpus "
+                  "large enough to make start-up negligible approaches; (2) less tokenisation: jp-peft writes "
+                  f"{tokens['jp_peft']:,} tokens, Megatron {tokens['megatron_preprocess_data']:,} "
+                  f"({tokens['jp_peft'] / tokens['megatron_preprocess_data']:.0%}); Megatron tokenising only the "
+                  f"{res['megatron_kept_documents_only']['documents']:,} documents jp-peft keeps "
+                  f"({tokens['megatron_kept_documents_only']:,} tokens) takes "
+                  f"{r['ratio_jp_peft_over_megatron_kept_only']:.2f}x jp-peft's wall time for the whole pipeline; "
+                  "(3) Megatron's tokenizer path: at this tag its default (megatron.core.tokenizers) turns each "
+                  "document into token strings and then ids in Python; its `--legacy-tokenizer` "
+                  f"(one `tokenizer(text).input_ids` call per document) {r['megatron_legacy_tokenizer']}."]
     if "jp_peft_time" in r:
         t = r["jp_peft_time"]
         stages = t["task_seconds"]["stages"]
