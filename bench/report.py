@@ -94,10 +94,17 @@ def cpu_section() -> list[str]:
         return ["_No results yet: run bench/cpu_train_throughput.py._"]
     path, r = found
     m = r["median_tokens_per_s"]
+    machine = r["machine"]
+    threads = f"{machine['torch_threads']} torch thread{'s' if machine['torch_threads'] != 1 else ''}"
+    if machine["torch_threads"] < machine["cpus"]:
+        threads += (" (--threads: other torch jobs shared the cores, where threads that wait for each other at every "
+                    "operator stall)")
+    load = (f", load average {machine['load_average_before'][0]:.1f} before and {machine['load_average_after'][0]:.1f} "
+            "after" if "load_average_before" in machine else "")
     lines = [f"Model: {r['model']}; LoRA rank {r['lora']['rank']} on {len(r['lora']['targets'])} projections; "
              f"seq {r['seq_length']}, global batch {r['global_batch']} (micro {r['micro_batch']}); {r['steps']} steps, "
              f"median after {r['warmup']} warm-up steps, {r['rounds']} alternating rounds, one process; "
-             f"{r['machine']['cpus']} CPUs, torch {r['machine']['torch']}.", "",
+             f"{r['machine']['cpus']} CPUs, torch {r['machine']['torch']}, {threads}{load}.", "",
              "| configuration | tokens/s |", "|---|---|"]
     for name, value in m.items():
         lines.append(f"| {name} | {value:.1f} |")
@@ -105,9 +112,16 @@ def cpu_section() -> list[str]:
     verdict = "meets" if ratio >= 1.0 else "falls short of"
     per_round = r.get("ratio_jp_peft_over_plain_per_round")
     spread = (f" (per round, back to back: {', '.join(f'{x:.3f}' for x in per_round)})" if per_round else "")
+    packed_rounds = r.get("ratio_packed_over_padded_per_round")
+    packed_spread = f" (per round: {', '.join(f'{x:.2f}' for x in packed_rounds)})" if packed_rounds else ""
+    density = r.get("sft_packing_density")
+    expected = (f"; packing puts {density['packed']['real_tokens_per_row']:.1f} real tokens in a {r['seq_length']}-token "
+                f"row against {density['padded']['real_tokens_per_row']:.1f} for one example per row on the bundled "
+                f"SFT data, so equal step times give **{density['ratio_packed_over_padded']:.2f}x**" if density else "")
     lines += ["", f"hf backend / plain transformers+peft loop: **{ratio:.3f}**{spread}, which {verdict} the >= 1.0 "
               f"goal (no framework tax). Packed / padded SFT effective tokens/s: "
-              f"**{r['ratio_packed_over_padded_effective_tokens']:.2f}x**. Source: `{path.relative_to(REPO)}`."]
+              f"**{r['ratio_packed_over_padded_effective_tokens']:.2f}x**{packed_spread}{expected}. "
+              f"Source: `{path.relative_to(REPO)}`."]
     return lines
 
 
