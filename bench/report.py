@@ -130,9 +130,13 @@ def smoke_section() -> list[str]:
     if not found:
         return ["_No results yet: run bench/smoke_wall_time.py._"]
     path, r = found
+    m = r["machine"]
+    threads = f", OMP_NUM_THREADS={m['omp_num_threads']}" if m.get("omp_num_threads") else ""
+    load = (f", load average {m['load_average_before'][0]:.1f} before and {m['load_average_after'][0]:.1f} after (other "
+            "jobs shared the machine: only indicative)" if "load_average_before" in m else "")
     return [f"`{r['command']}` from an empty cache (tiny base built): **{r['wall_seconds']:.0f} s** on "
-            f"{r['machine']['cpus']} CPUs; CPT Japanese ppl {r['cpt_ja_ppl_before']:.1f} -> {r['cpt_ja_ppl_after']:.1f}. "
-            f"Source: `{path.relative_to(REPO)}`."]
+            f"{m['cpus']} CPUs{threads}{load}; CPT Japanese ppl {r['cpt_ja_ppl_before']:.1f} -> "
+            f"{r['cpt_ja_ppl_after']:.1f}. Source: `{path.relative_to(REPO)}`."]
 
 
 GPU_NAMES = {"megatron": "jp-peft Megatron backend", "hf_backend": "jp-peft hf backend",
