@@ -5,9 +5,13 @@
    no framework tax).
 2. SFT with packing vs one example per row (padded): effective (non-padding) tokens/s.
 
-    python bench/cpu_train_throughput.py [--steps 24] [--rounds 2]
+    python bench/cpu_train_throughput.py [--steps 24] [--rounds 2] [--threads N]
 
-Writes bench/results/cpu_train_throughput_*.json. Medians over steps after --warmup.
+Writes bench/results/cpu_train_throughput_*.json. Medians over steps after --warmup. The SFT rows' packing
+density (real tokens per row, packed and one example per row) is recorded too: with every row padded to the
+sequence length, both take the same time per step, so their ratio is what packed / padded should measure.
+--threads sets torch's intra-op threads (default: torch's, one per core); on a machine that other torch
+jobs share, 1 thread avoids the stalls of threads that wait for each other at every operator.
 """
 
 from __future__ import annotations
@@ -45,13 +49,14 @@ def run_jp_peft(spec, stage: str, warmup: int, tag: str) -> dict:
     import shutil
 
     from jp_peft.backends.hf import train_stage
-    from jp_peft.stages import base_dir_of, stage_paths
+    from jp_peft.backends.hf_stages import stage_paths
+    from jp_peft.rundir import base_model_dir
     from jp_peft.tracking import flops_per_token_fn
 
     stage_dir = spec.run_dir / f"{stage}-{tag}"
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True)
-    metrics, _, _ = train_stage(spec, stage, base_dir_of(spec), stage_dir, stage_paths(spec, stage), [], [],
+    metrics, _, _ = train_stage(spec, stage, base_model_dir(spec), stage_dir, stage_paths(spec, stage), [], [],
                                 flops_per_token_fn)
     rows = [json.loads(x) for x in open(stage_dir / "train_log.jsonl")]
     return {"tokens_per_s": median_after(rows, "perf/tokens_per_s", warmup),
@@ -65,10 +70,11 @@ def run_plain_peft(spec, warmup: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jp_peft.backends.hf import build_datasets
-    from jp_peft.stages import base_dir_of, stage_paths
+    from jp_peft.backends.hf_stages import stage_paths
+    from jp_peft.rundir import base_model_dir
 
     torch.manual_seed(spec.cpt.train.seed)
-    base = base_dir_of(spec)
+    base = base_model_dir(spec)
     train_set, _ = build_datasets(spec, "cpt", AutoTokenizer.from_pretrained(base), stage_paths(spec, "cpt"))
     lora = spec.lora
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32),
@@ -98,24 +104,49 @@ def run_plain_peft(spec, warmup: int) -> dict:
             "step_time_s": median_after(rows, "step_time_s", warmup), "steps": len(rows)}
 
 
+def packing_density(spec) -> dict:
+    """Real (non-padding) tokens per row of the SFT training set, packed and one example per row."""
+    from transformers import AutoTokenizer
+
+    from jp_peft.backends.hf_data import SFTDataset
+    from jp_peft.backends.hf_stages import stage_paths
+    from jp_peft.rundir import base_model_dir
+
+    data = spec.sft.data
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir(spec))
+    out = {}
+    for name, packing in (("packed", True), ("padded", False)):
+        dataset = SFTDataset(stage_paths(spec, "sft")["sft_train"], tokenizer, data.seq_length, None, 0, packing,
+                             tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out[name] = {"rows": len(dataset.rows), "real_tokens": dataset.real_tokens(),
+                     "real_tokens_per_row": dataset.real_tokens() / len(dataset.rows)}
+    out["ratio_packed_over_padded"] = out["packed"]["real_tokens_per_row"] / out["padded"]["real_tokens_per_row"]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each configuration")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from jp_peft.stages import run_data, run_import
 
     out = Path(tempfile.mkdtemp(prefix="bench_cpu_"))
     spec = make_spec(out, args.steps, ["lora.dropout=0.0"])
-    run_import(spec.to_dict())
-    run_data(spec.to_dict())
+    run_import(spec)
+    run_data(spec)
     packed = make_spec(out, args.steps, ["lora.dropout=0.0", "sft.data.packing=true", "stages=[sft]"])
     padded = make_spec(out, args.steps, ["lora.dropout=0.0", "sft.data.packing=false", "stages=[sft]"])
 
+    density = packing_density(packed)
+    load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {"jp_peft_hf_backend": [], "plain_transformers_peft": [], "sft_packed": [],
                                    "sft_padded": []}
     for r in range(args.rounds):
@@ -135,8 +166,12 @@ def main(argv=None) -> int:
         "ratio_jp_peft_over_plain_per_round": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in
                                                zip(runs["jp_peft_hf_backend"], runs["plain_transformers_peft"])],
         "ratio_packed_over_padded_effective_tokens": summary["sft_packed"] / summary["sft_padded"],
+        "ratio_packed_over_padded_per_round": [a["tokens_per_s"] / b["tokens_per_s"] for a, b in
+                                               zip(runs["sft_packed"], runs["sft_padded"])],
+        "sft_packing_density": density,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "load_average_before": load_before,
+                    "load_average_after": os.getloadavg()},
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     args.results.mkdir(parents=True, exist_ok=True)
@@ -145,7 +180,8 @@ def main(argv=None) -> int:
     for name, value in summary.items():
         print(f"{name:26s} {value:10.1f} tokens/s")
     print(f"jp-peft / plain = {result['ratio_jp_peft_over_plain']:.3f}; packed / padded = "
-          f"{result['ratio_packed_over_padded_effective_tokens']:.3f} -> {path}")
+          f"{result['ratio_packed_over_padded_effective_tokens']:.3f} (packing density ratio "
+          f"{density['ratio_packed_over_padded']:.3f}) -> {path}")
     return 0
 
 

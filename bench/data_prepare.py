@@ -14,6 +14,13 @@ subprocesses (interpreter start, imports, reading, tokenising, writing), alterna
 recorded, and their median is the headline). Peak RSS is that of the largest process of the run (the
 launcher or any worker: Linux's RUSAGE_CHILDREN maximum over the reaped process tree).
 
+Megatron runs as shipped: at core_v0.15.x its default tokenizer path (megatron.core.tokenizers'
+HuggingFaceTokenizer) turns each document into token strings and then ids in Python; `--legacy-tokenizer`
+(one `tokenizer(text).input_ids` call) is probed once and joins the rounds only if it runs (at core_v0.15.3
+it fails: its Encoder never stores the legacy tokenizer). To separate "tokenises less" from "tokenises
+faster", a third contender is Megatron on only the documents jp-peft keeps (the input lines that are not in
+jp-peft's rejects, before NFKC): the same tokenisation work as jp-peft's, with none of its other work.
+
 Memory: the corpus's distinct documents (1x) and 4x as many (each extra document the first half of one
 document joined to the second half of another: distinct texts, not near-duplicates), both prepared with
 `--tasks` tasks and `--workers` workers; the ratio of the peaks and the growth per extra document.
@@ -42,22 +49,32 @@ def count_docs(path: Path) -> int:
 
 # Runs one command and reports its wall time and the peak RSS of its process tree. A fresh helper per
 # command: RUSAGE_CHILDREN is the maximum over every child a process ever reaped.
-MEASURE = """import json, resource, subprocess, sys, time
-cmd = json.loads(sys.argv[1])
+MEASURE = """import json, os, resource, signal, subprocess, sys, time
+cmd, timeout = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 started = time.perf_counter()
-proc = subprocess.run(cmd, capture_output=True, text=True)
+proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+try:
+    out, err = proc.communicate(timeout=timeout)
+except subprocess.TimeoutExpired:  # the whole process group: a hung pool's workers hold the pipes too
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate()
+    err += f"\\ntimed out after {timeout} s"
 seconds = time.perf_counter() - started
 print(json.dumps([seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, proc.returncode,
-                  proc.stdout[-2000:] + proc.stderr[-2000:]]))
+                  out[-2000:] + err[-2000:]]))
 """
 
 
-def measure(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB of the largest process the command started, itself included)."""
-    helper = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(cmd)], env=env, capture_output=True, text=True)
+def measure(cmd: list[str], env: dict, timeout: float | None = None, output: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB of the largest process the command started, itself included). A run that
+    exits non-zero, or exits 0 without writing `output` (Megatron's launcher does not check its worker
+    processes' exit codes), raises RuntimeError with the end of its output."""
+    helper = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(cmd), json.dumps(timeout)], env=env,
+                            capture_output=True, text=True)
     seconds, peak, code, tail = json.loads(helper.stdout.strip().splitlines()[-1])
-    if code != 0:
-        raise RuntimeError(f"{cmd[:4]} failed:\n{tail}")
+    if code != 0 or (output is not None and not output.exists()):
+        missing = "" if code != 0 else f"exit status 0 but no {output.name}"
+        raise RuntimeError(f"{cmd[:4]} failed:\n{tail}\n{missing}")
     return seconds, peak
 
 
@@ -78,6 +95,25 @@ def distinct_corpora(source: Path, out_dir: Path) -> dict[int, Path]:
             for text in docs:
                 handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     return paths
+
+
+def kept_lines(source: Path, rejected: Path, out: Path) -> int:
+    """The input lines jp-peft kept (every line not in its rejects), written to `out`; their count."""
+    dropped = {json.loads(line)["line"] for line in open(rejected, encoding="utf-8") if line.strip()}
+    kept = 0
+    with open(source, "rb") as src, open(out, "wb") as dst:
+        for number, line in enumerate(src, start=1):
+            if number not in dropped and line.strip():
+                dst.write(line)
+                kept += 1
+    return kept
+
+
+def megatron_cmd(megatron_lm: Path, inputs: Path, tokenizer: str, prefix: Path, workers: int,
+                 legacy: bool = False) -> list[str]:
+    return [sys.executable, str(megatron_lm / "tools" / "preprocess_data.py"), "--input", str(inputs),
+            "--output-prefix", str(prefix), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
+            "--workers", str(workers), "--append-eod", *(["--legacy-tokenizer"] if legacy else [])]
 
 
 def jp_peft_cmd(inputs: Path, tokenizer: str, prefix: Path, workers: int, tasks: int) -> list[str]:
@@ -108,26 +144,67 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "JP_PEFT_WORK_ROOT": str(work / "work")}
     megatron_env = {**env, "PYTHONPATH": str(args.megatron_lm)}
+    jp_cmd = jp_peft_cmd(args.input, tokenizer, work / "jp", args.workers, args.workers)
+    # An untimed jp-peft run first: its rejects name the kept lines (and both programs then find the input
+    # in the page cache).
+    first_seconds, _ = measure(jp_cmd, env)
+    kept_input = work / "kept_lines.jsonl"
+    kept_docs = kept_lines(args.input, work / "jp.rejected.jsonl", kept_input)
     commands = {
-        "jp_peft": (jp_peft_cmd(args.input, tokenizer, work / "jp", args.workers, args.workers), env),
-        "megatron_preprocess_data": ([sys.executable, str(args.megatron_lm / "tools" / "preprocess_data.py"), "--input",
-                                      str(args.input), "--output-prefix", str(work / "mlm"), "--tokenizer-type",
-                                      "HuggingFaceTokenizer", "--tokenizer-model", tokenizer, "--workers",
-                                      str(args.workers), "--append-eod"], megatron_env),
+        "jp_peft": (jp_cmd, env),
+        "megatron_preprocess_data": (megatron_cmd(args.megatron_lm, args.input, tokenizer, work / "mlm", args.workers),
+                                     megatron_env),
     }
+    legacy = megatron_cmd(args.megatron_lm, args.input, tokenizer, work / "mlm_legacy", args.workers, legacy=True)
+    try:  # at core_v0.15.3 it fails, or hangs (its pool's workers die): time-limited
+        measure(legacy, megatron_env, timeout=max(120.0, 4 * first_seconds),
+                output=work / "mlm_legacy_text_document.idx")
+        legacy_status = "ran (timed in the rounds)"
+        commands["megatron_legacy_tokenizer"] = (legacy, megatron_env)
+    except RuntimeError as error:
+        lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+        named = [x for x in lines if "Error" in x or x.startswith(("timed out", "exit status"))]
+        legacy_status = f"failed: {'; '.join(named[-2:]) or (lines or ['no output'])[-1]}"
+    commands["megatron_kept_documents_only"] = (
+        megatron_cmd(args.megatron_lm, kept_input, tokenizer, work / "mlm_kept", args.workers), megatron_env)
+    # Fixed costs (interpreter, imports, pool start-up, exit): each program on the corpus's first kept document.
+    one_doc = work / "one_document.jsonl"
+    with open(kept_input, "rb") as src:
+        one_doc.write_bytes(src.readline())
+    commands["jp_peft_one_document"] = (jp_peft_cmd(one_doc, tokenizer, work / "jp_one", args.workers, args.workers),
+                                        env)
+    commands["megatron_one_document"] = (megatron_cmd(args.megatron_lm, one_doc, tokenizer, work / "mlm_one",
+                                                      args.workers), megatron_env)
     load_before = os.getloadavg()
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
-    for _ in range(args.repeats):  # alternate, so both see the same machine state
+    for _ in range(args.repeats):  # alternate, so all see the same machine state
         for name, (cmd, cmd_env) in commands.items():
-            runs[name].append(measure(cmd, cmd_env))
+            prefix = Path(cmd[cmd.index("--output-prefix") + 1])
+            output = prefix.parent / (prefix.name + ("_text_document.idx" if "preprocess_data.py" in cmd[1] else
+                                                     ".report.json"))
+            output.unlink(missing_ok=True)
+            runs[name].append(measure(cmd, cmd_env, output=output))
     report = json.loads((work / "jp.report.json").read_text())
     results = {}
     for name, values in runs.items():
         seconds = [s for s, _ in values]
         median = statistics.median(seconds)
-        results[name] = {"seconds": seconds, "median_seconds": median, "docs_per_second": docs / median,
-                         "mb_per_second": size / 1e6 / median, "peak_rss_mb": max(m for _, m in values)}
-    per_round = [m / j for (j, _), (m, _) in zip(runs["jp_peft"], runs["megatron_preprocess_data"])]
+        n, size_of = {"megatron_kept_documents_only": (kept_docs, kept_input.stat().st_size),
+                      "jp_peft_one_document": (1, one_doc.stat().st_size),
+                      "megatron_one_document": (1, one_doc.stat().st_size)}.get(name, (docs, size))
+        results[name] = {"seconds": seconds, "median_seconds": median, "documents": n, "bytes": size_of,
+                         "docs_per_second": n / median, "mb_per_second": size_of / 1e6 / median,
+                         "peak_rss_mb": max(m for _, m in values)}
+
+    def round_ratios(other: str) -> list[float]:  # jp-peft speed / other's speed on the whole corpus, per round
+        return [o / j for (j, _), (o, _) in zip(runs["jp_peft"], runs[other])]
+
+    per_round = round_ratios("megatron_preprocess_data")
+    # Without the fixed costs (each program's one-document run of the same round subtracted): the ratio a
+    # corpus large enough to make start-up negligible would approach.
+    marginal = [(m - m1) / (j - j1) for (j, _), (m, _), (j1, _), (m1, _) in
+                zip(runs["jp_peft"], runs["megatron_preprocess_data"], runs["jp_peft_one_document"],
+                    runs["megatron_one_document"])]
 
     corpora = distinct_corpora(args.input, work)
     memory = {1: [], 4: []}
@@ -144,6 +221,17 @@ def main(argv=None) -> int:
         "results": results,
         "ratio_jp_peft_over_megatron": statistics.median(per_round),
         "ratio_per_round": per_round,
+        "ratio_without_fixed_costs": statistics.median(marginal),
+        "ratio_without_fixed_costs_per_round": marginal,
+        "megatron_legacy_tokenizer": legacy_status,
+        # Wall time of Megatron tokenising only the documents jp-peft keeps / jp-peft's wall time for the whole
+        # pipeline on the whole corpus (> 1: jp-peft's whole run takes less time than that tokenisation alone).
+        "ratio_jp_peft_over_megatron_kept_only": statistics.median(round_ratios("megatron_kept_documents_only")),
+        "ratio_jp_peft_over_megatron_kept_only_per_round": round_ratios("megatron_kept_documents_only"),
+        **({"ratio_jp_peft_over_megatron_legacy_tokenizer":
+            statistics.median(round_ratios("megatron_legacy_tokenizer"))} if "megatron_legacy_tokenizer" in runs else {}),
+        "tokens": {"jp_peft": report["tokens"], "megatron_preprocess_data": megatron_tokens(work / "mlm_text_document.idx"),
+                   "megatron_kept_documents_only": megatron_tokens(work / "mlm_kept_text_document.idx")},
         "jp_peft_extra_work": {"kept": report["kept"], "rejected": report["rejected"], "near_dedup": True},
         "jp_peft_time": {"report_seconds": report["seconds"], "task_seconds": report["task_seconds"],
                          "startup_and_exit_seconds": results["jp_peft"]["seconds"][-1] - report["seconds"]},
@@ -168,9 +256,21 @@ def main(argv=None) -> int:
         print(f"{name:26s} {r['median_seconds']:7.2f} s  {r['docs_per_second']:8.1f} docs/s  {r['mb_per_second']:6.2f} "
               f"MB/s  peak {r['peak_rss_mb']:.0f} MB")
     print(f"jp-peft speed / Megatron speed = {out['ratio_jp_peft_over_megatron']:.2f} "
-          f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)})")
+          f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)}); Megatron on the kept documents only / jp-peft "
+          f"wall = {out['ratio_jp_peft_over_megatron_kept_only']:.2f}; without fixed costs "
+          f"{out['ratio_without_fixed_costs']:.2f}; legacy tokenizer: {legacy_status}")
     print(f"peak RSS 1x {peaks[1]:.0f} MB, 4x {peaks[4]:.0f} MB: {out['memory']['ratio_x4_over_x1']:.3f}x -> {path}")
     return 0
+
+
+def megatron_tokens(idx: Path) -> int:
+    """Tokens in a Megatron .idx (EOD included): the sum of its int32 sequence lengths."""
+    import numpy as np
+
+    with open(idx, "rb") as handle:
+        header = handle.read(9 + 8 + 1 + 8 + 8)  # magic, version, dtype code, sequences, documents
+    sequences = int.from_bytes(header[18:26], "little")
+    return int(np.fromfile(idx, dtype=np.int32, count=sequences, offset=34).sum())
 
 
 def _version(name: str) -> str:

@@ -1,10 +1,15 @@
 """End-to-end wall time of the README's main job (`--smoke`), from an empty model cache.
 
-    python bench/smoke_wall_time.py      # writes bench/results/smoke_wall_time_*.json
+    python bench/smoke_wall_time.py [--threads N]    # writes bench/results/smoke_wall_time_*.json
+
+--threads sets OMP_NUM_THREADS for the run (torch's intra-op threads in every stage process); the default
+is torch's own (one per core). The load average before and after is recorded: on a shared machine the
+wall time is only indicative.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,9 +21,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the run (default: torch's own)")
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_smoke_"))
     env = {**os.environ, "JP_PEFT_CACHE": str(work / "cache"), "WANDB_MODE": "offline"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    load_before = os.getloadavg()
     command = [sys.executable, "experiments/qwen_lora_ja.py", "--executor", "local", "--smoke",
                "--output-dir", str(work / "runs")]
     started = time.perf_counter()
@@ -30,7 +41,9 @@ def main() -> int:
     cpt = json.loads((work / "runs" / "smoke" / "cpt" / "metrics.json").read_text())
     result = {"benchmark": "smoke_wall_time", "command": "python experiments/qwen_lora_ja.py --executor local --smoke",
               "wall_seconds": wall, "cpt_ja_ppl_before": cpt["base_val_ppl_ja"], "cpt_ja_ppl_after": cpt["val_ppl_ja"],
-              "machine": {"cpus": os.cpu_count()}, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "machine": {"cpus": os.cpu_count(), "omp_num_threads": env.get("OMP_NUM_THREADS"),
+                          "load_average_before": load_before, "load_average_after": os.getloadavg()},
+              "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = REPO / "bench" / "results" / f"smoke_wall_time_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
