@@ -169,7 +169,7 @@ def run_one(task: PlannedTask, executor_for, recipes, base_dir: Path) -> str:
     if task.stage in ("import", "data"):
         ok = record.exists() and record.stat().st_mtime >= watcher.started_at
     else:
-        ok = finished_earlier(record, fingerprint(task.spec))
+        ok = finished_earlier(record, fingerprint(task.spec, task.stage))
     print(f"[jp-peft] {task.name}: {'done' if ok else 'FAILED'} after {time.time() - watcher.started_at:.0f} s", flush=True)
     if not ok:
         log = task_log(exp, task)

@@ -129,7 +129,7 @@ def run_eval(exp: ExperimentSpec) -> dict:
                      "steps": m.steps, "tokens_per_second": m.tokens_per_second, "wall_seconds": m.wall_seconds,
                      "adapter": exported.get("hf_adapter"), "merged": exported.get("hf_merged")})
     summary = {"experiment": exp.name, "group": exp.group_name, "backend": exp.backend, "stages": rows,
-               "written": time.time(), "spec_fingerprint": fingerprint(exp)}
+               "written": time.time(), "spec_fingerprint": fingerprint(exp, "eval")}
     rundir.write_json(rundir.summary_file(exp), summary)
     print(format_summary(summary), flush=True)
     return summary
@@ -164,7 +164,7 @@ def run_stage(spec: dict, stage: str, target: str | None = None, recipe=None):
     started = time.perf_counter()
     if stage not in SHARED_STAGES:  # the shared stages are idempotent by themselves (reused checkpoint, prefixes)
         record = rundir.stage_record(exp, stage, target)
-        if finished_earlier(record, fingerprint(exp)):
+        if finished_earlier(record, fingerprint(exp, stage)):
             _log(f"{stage}{' ' + target if target else ''}: done earlier with the same spec ({record}); kept")
             return None
         record.unlink(missing_ok=True)  # a stage that runs again never leaves an older record looking current
