@@ -88,6 +88,7 @@ def run_suite(exp: ExperimentSpec, log: Callable[[str], None] = print) -> dict[s
     """Score every model, write eval/results.json and eval/samples.jsonl, log them to W&B; returns the
     downstream summary (None when the spec asks for no task)."""
     from jp_peft.evaluation.harness import evaluate, write_results
+    from jp_peft.evaluation.wandb_log import log_eval
 
     check_suite(exp)
     ev = exp.eval
@@ -96,7 +97,7 @@ def run_suite(exp: ExperimentSpec, log: Callable[[str], None] = print) -> dict[s
     if ev.downstream:
         tasks_ja, tasks_en = suite_tasks(exp)
         results = {"format": SUITE_FORMAT, "experiment": exp.name, "eval": exp.to_dict()["eval"],
-                                   "tasks_ja": tasks_ja, "tasks_en": tasks_en, "models": {}}
+                   "tasks_ja": tasks_ja, "tasks_en": tasks_en, "models": {}}
         for name, model_dir in models:
             record = evaluate(model_dir, None, [*tasks_ja, *tasks_en], num_fewshot=ev.num_fewshot, limit=ev.limit,
                               batch_size=ev.batch_size, data_dir=ev.data_dir, include_path=ev.include_path,
@@ -112,8 +113,6 @@ def run_suite(exp: ExperimentSpec, log: Callable[[str], None] = print) -> dict[s
         write_results(rundir.eval_results(exp), results)
         summary = downstream_summary(results)
     samples = _generate(exp, models, log) if ev.generation else None
-    from jp_peft.evaluation.wandb_log import log_eval
-
     log_eval(exp, results, summary, samples)
     return summary
 
