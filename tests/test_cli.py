@@ -74,3 +74,21 @@ def test_dryrun_prints_every_task_of_a_sweep_and_runs_nothing(tmp_path):
         assert task in proc.stdout
     assert "smoke-rank16-sft after smoke-rank16-cpt" in proc.stdout
     assert not list(tmp_path.glob("*/rank*/metrics.json")) and not (tmp_path / "smoke-rank8" / "cpt").exists()
+
+
+def test_eval_tasks_without_data_are_refused_before_anything_starts(tmp_path):
+    """An unknown task and a task whose data set is not here: one line each, naming the spec field and how to
+    provide the data; exit 2 before any stage starts (nothing written). A dry run shows them as warnings."""
+    args = [sys.executable, "experiments/qwen_lora_ja.py", "--smoke", "--output-dir", str(tmp_path), "--no-wandb",
+            "eval.tasks_ja=[jpeft_jcqa,jcqa_typo]", "eval.tasks_en=[jpeft_en_mc,hellaswag]"]
+    proc, seconds = _timed(args)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "eval.tasks_ja: unknown task 'jcqa_typo'" in proc.stderr
+    hellaswag = next(line for line in proc.stderr.splitlines() if line.startswith("eval.tasks_en: hellaswag"))
+    assert "Rowan/hellaswag" in hellaswag and "eval.data_dir=DATA_DIR" in hellaswag
+    assert "hellaswag/validation.jsonl" in hellaswag and "download_task_data" in hellaswag
+    assert "Traceback" not in proc.stderr and "started" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written: no run directory, no spec.json
+    proc, _ = _timed([*args, "--dryrun"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: the eval stage would fail: eval.tasks_en: hellaswag" in proc.stderr

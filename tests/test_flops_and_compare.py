@@ -50,7 +50,12 @@ def test_compare_two_runs_writes_table_and_plots(smoke_run, tmp_path):
     assert "ja_gain_%" in table and "en_forgetting_%" in table
     rows = json.loads((out / "compare.json").read_text())
     assert [r["lora.rank"] for r in rows] == [32, 8]
-    for png in ("loss_vs_tokens.png", "ja_vs_en_ppl.png"):
+    # the downstream columns: the last stage's task averages and their change against base (summary.json's)
+    summary = json.loads((run_dir / "summary.json").read_text())["stages"][-1]
+    for column, key in (("ja_avg", "ja_avg"), ("en_avg", "en_avg"), ("ja_gain_pt", "ja_gain"),
+                        ("en_forgetting_pt", "en_forgetting")):
+        assert column in table and rows[0][column] == pytest.approx(summary[key])
+    for png in ("loss_vs_tokens.png", "ja_vs_en_ppl.png", "ja_vs_en_tasks.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "<table" in (out / "compare.html").read_text()

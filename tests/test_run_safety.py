@@ -197,3 +197,21 @@ def test_compare_names_a_missing_or_corrupt_run(tmp_path):
     (run / "cpt" / "metrics.json").write_text("{not json")
     proc = subprocess.run([*cli, str(run), "--output", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2 and "metrics.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_changing_an_eval_field_reruns_only_the_eval_stage(short_run):
+    """Eval fields are not part of what the trained stages computed: a new task limit is accepted (not
+    refused as another spec), keeps cpt as it is and scores again."""
+    metrics = short_run / "smoke" / "cpt" / "metrics.json"
+    results = short_run / "smoke" / "eval" / "results.json"
+    before = metrics.read_bytes()
+    common = ["--stages", "import,data,cpt,eval", *SHORT[2:], "eval.tasks_ja=[jpeft_jcqa]", "eval.tasks_en=[jpeft_en_mc]",
+              "eval.generation=false"]
+    for limit in (4, 6):
+        proc = _run("--output-dir", str(short_run), *common, f"eval.limit={limit}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "4/4 tasks finished" in proc.stdout and metrics.read_bytes() == before
+        scored = json.loads(results.read_text())["models"]
+        assert list(scored) == ["base", "cpt"]
+        assert {t["n"] for m in scored.values() for t in m["tasks"].values()} == {limit}

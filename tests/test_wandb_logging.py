@@ -53,3 +53,21 @@ def test_api_key_never_lands_in_anything_the_run_wrote(smoke_run, fake_wandb_key
                           capture_output=True, text=True)
     assert hits.stdout == "", f"API key found in: {hits.stdout}"
     assert fake_wandb_key not in smoke_run[1]
+
+
+def test_eval_run_has_a_table_per_model_and_the_averages(smoke_run):
+    run_dir = smoke_run[0]
+    run = _run_of(run_dir, "eval")
+    ident = run["run"]
+    assert (ident["group"], ident["name"]) == ("smoke", "eval:smoke") and {"smoke", "eval"} <= set(ident["tags"])
+    logged = {key: value for row in run["history"] for key, value in row.items()}
+    for key in ("eval/base", "eval/cpt", "eval/sft", "eval/samples"):  # tables: one row per task, or per prompt
+        assert logged[f"{key}/_type"] == "table-file" and logged[f"{key}/nrows"] == (20 if key == "eval/samples" else 4)
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())["downstream"]["models"]
+    for model in ("base", "cpt", "sft"):
+        for key in ("ja_avg", "en_avg"):
+            assert run["summary"][f"eval/{model}/{key}"] == pytest.approx(summary[model][key])
+    assert run["summary"]["eval/cpt/en_forgetting"] == pytest.approx(summary["cpt"]["en_forgetting"])
+    assert "eval/base/ja_gain" not in run["summary"]  # base has no gain against itself

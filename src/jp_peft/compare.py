@@ -1,8 +1,10 @@
-"""`jp-peft compare RUN_DIR...`: one table and two plots for a set of finished runs, offline.
+"""`jp-peft compare RUN_DIR...`: one table and three plots for a set of finished runs, offline.
 
-Reads each run's own files (spec.json, <stage>/metrics.json, <stage>/train_log.jsonl): the
-config keys that differ between runs, final Japanese/English perplexity, gain, forgetting,
-throughput, MFU and wall time; train loss against tokens; the JA-vs-EN perplexity trade-off.
+Reads each run's own files (spec.json, <stage>/metrics.json, <stage>/train_log.jsonl, eval/results.json):
+the config keys that differ between runs, final Japanese/English perplexity, gain, forgetting,
+downstream JA/EN task averages with gain and forgetting in points against base, throughput, MFU and
+wall time; train loss against tokens; the JA-vs-EN trade-off in perplexity and in task averages.
+A run without downstream results has blank downstream cells and no line in that plot.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from jp_peft import rundir
+from jp_peft.evaluation.summary import BASE, downstream_summary
 from jp_peft.metrics import read_stage_metrics
 from jp_peft.rundir import MissingRecord, read_json
 from jp_peft.spec import TRAINED_STAGES
 
 IGNORED_KEYS = ("name", "group", "output_dir")  # differ by construction, say nothing about the recipe
+# downstream columns, in points, of the last trained stage: blank for a run without eval/results.json
+DOWNSTREAM_COLUMNS = {"ja_avg": "ja_avg", "en_avg": "en_avg", "ja_gain_pt": "ja_gain", "en_forgetting_pt": "en_forgetting"}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -26,6 +31,11 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
         out = {}
         for key, value in node.items():
             out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+        return out
+    if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):  # the blend: one column per field
+        out = {}
+        for i, value in enumerate(node):
+            out.update(_flatten(value, f"{prefix}[{i}]"))
         return out
     return {prefix: json.dumps(node) if isinstance(node, list) else node}
 
@@ -47,7 +57,20 @@ def load_run(run_dir: Path) -> dict[str, Any]:
                                     "log": [r for r in rows if "train/loss" in r]}
     if not run["stages"]:
         raise MissingRecord(f"{run_dir}: no finished stage (no <stage>/metrics.json)")
+    run["downstream"] = load_downstream(run_dir)
     return run
+
+
+def load_downstream(run_dir: Path) -> dict[str, Any] | None:
+    """The run's downstream summary (jp_peft.evaluation.summary), None when it has no eval/results.json."""
+    path = rundir.eval_results_of(run_dir)
+    if not path.exists():
+        return None
+    try:
+        return downstream_summary(read_json(path, "compare"))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise MissingRecord(f"{path}: not an eval stage results file ({type(exc).__name__}: {exc}); rerun the eval "
+                            "stage") from None
 
 
 def config_differences(runs: list[dict]) -> list[str]:
@@ -74,13 +97,15 @@ def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]
                "tokens_per_s": sum(s["metrics"]["tokens_per_second"] for s in run["stages"].values()) / len(run["stages"]),
                "mfu_%": 100 * sum(mfu) / len(mfu) if mfu else None,
                "wall_s": sum(s["metrics"]["wall_seconds"] for s in run["stages"].values())}
+        scores = (run["downstream"] or {}).get("models", {}).get(last_stage, {})
+        row.update({column: scores.get(key) for column, key in DOWNSTREAM_COLUMNS.items()})
         rows.append(row)
     return rows
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, blank: str = "n/a") -> str:
     if value is None:
-        return "n/a"
+        return blank
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value)
@@ -89,15 +114,17 @@ def _fmt(value: Any) -> str:
 def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
     headers = list(rows[0])
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    md += ["| " + " | ".join(_fmt(r[h]) for h in headers) + " |" for r in rows]
+    cell = {h: "" if h in DOWNSTREAM_COLUMNS else "n/a" for h in headers}  # no downstream results: blank
+    md += ["| " + " | ".join(_fmt(r[h], cell[h]) for h in headers) + " |" for r in rows]
     md_path = out / "compare.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[h]))}</td>" for h in headers) + "</tr>" for r in rows)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[h], cell[h]))}</td>" for h in headers) + "</tr>"
+                    for r in rows)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     html_path = out / "compare.html"
     html_path.write_text(f"<!doctype html><meta charset='utf-8'><title>jp-peft compare</title>"
                          f"<table border='1'><tr>{head}</tr>{cells}</table>"
-                         f"<p><img src='loss_vs_tokens.png'> <img src='ja_vs_en_ppl.png'></p>\n", encoding="utf-8")
+                         f"<p><img src='loss_vs_tokens.png'> <img src='ja_vs_en_ppl.png'> <img src='ja_vs_en_tasks.png'></p>\n", encoding="utf-8")
     return md_path, html_path
 
 
@@ -130,7 +157,34 @@ def write_plots(runs: list[dict], out: Path) -> list[Path]:
     ax.legend(fontsize=7), ax.set_title("JA gain vs EN forgetting")
     tradeoff_png = out / "ja_vs_en_ppl.png"
     fig.tight_layout(), fig.savefig(tradeoff_png, dpi=100), plt.close(fig)
-    return [loss_png, tradeoff_png]
+    return [loss_png, tradeoff_png, plot_task_averages(runs, out, plt)]
+
+
+def plot_task_averages(runs: list[dict], out: Path, plt) -> Path:
+    """JA task average against EN task average, base -> cpt -> sft per run (up and right: better)."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    plotted = 0
+    for run in runs:
+        models = (run["downstream"] or {}).get("models", {})
+        points = [(name, m["ja_avg"], m["en_avg"]) for name, m in models.items()
+                  if m["ja_avg"] is not None and m["en_avg"] is not None]
+        if not points:
+            continue
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=run["name"])
+        for name, x, y in points:
+            ax.annotate(name, (x, y), fontsize=7)
+        plotted += 1
+    if not plotted:
+        ax.text(0.5, 0.5, "no run has downstream results (eval/results.json)", ha="center", va="center",
+                transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=7)
+    ax.set_xlabel("Japanese task average, points (higher: gain)")
+    ax.set_ylabel("English task average, points (lower: forgetting)")
+    ax.set_title(f"JA gain vs EN forgetting, downstream tasks (from {BASE})")
+    path = out / "ja_vs_en_tasks.png"
+    fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+    return path
 
 
 def compare_runs(run_dirs: list[str], output: str) -> dict[str, Any]:

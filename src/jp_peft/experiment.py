@@ -73,6 +73,12 @@ def _absolute_data_paths(values: dict, cwd: Path) -> None:
             if isinstance(entry, dict):
                 entry["prefix"] = fix(entry["prefix"])
                 entry["source"] = [fix(p) for p in entry.get("source", [])]
+    evaluation = values.get("eval", {})
+    if isinstance(evaluation, dict):
+        if isinstance(evaluation.get("data_dir"), str) and evaluation["data_dir"]:
+            evaluation["data_dir"] = fix(evaluation["data_dir"])
+        if isinstance(evaluation.get("include_path"), list):
+            evaluation["include_path"] = [fix(p) if isinstance(p, str) and p else p for p in evaluation["include_path"]]
     model = values.get("model", {})
     if isinstance(model.get("name"), str) and Path(model["name"]).exists():
         model["name"] = fix(model["name"])

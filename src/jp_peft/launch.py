@@ -59,6 +59,7 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
     first = tasks[0].spec
     specs = list({t.spec.run_dir: t.spec for t in tasks}.values())
     restart = check_reuse(specs, overwrite)  # a different spec is refused before anything starts
+    check_eval_tasks(specs, dryrun)
     print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")
     for task in tasks:
         after = f" after {', '.join(task.depends_on)}" if task.depends_on else ""
@@ -82,6 +83,20 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
             started = time.perf_counter()
             exp.run(sequential=False, detach=True, tail_logs=False)
         return follow_slurm(tasks, specs, exp, wait, started)
+
+
+def check_eval_tasks(specs, dryrun: bool) -> None:
+    """Every eval stage's tasks are known and have their data, before anything starts: a launch is refused
+    (one line per task, naming the field and how to provide the data), a dry run shows the lines as warnings
+    (it runs nothing, and a cluster's data directory may only exist where the jobs run)."""
+    from jp_peft.evaluation.suite import suite_problems
+    from jp_peft.spec import SpecError
+
+    problems = list(dict.fromkeys(line for spec in specs for line in suite_problems(spec)))
+    if problems and not dryrun:
+        raise SpecError("\n".join(problems))
+    for line in problems:
+        print(f"warning: the eval stage would fail: {line}", file=sys.stderr)
 
 
 def check_output_dir(spec) -> None:
@@ -169,7 +184,7 @@ def run_one(task: PlannedTask, executor_for, recipes, base_dir: Path) -> str:
     if task.stage in ("import", "data"):
         ok = record.exists() and record.stat().st_mtime >= watcher.started_at
     else:
-        ok = finished_earlier(record, fingerprint(task.spec))
+        ok = finished_earlier(record, fingerprint(task.spec, task.stage))
     print(f"[jp-peft] {task.name}: {'done' if ok else 'FAILED'} after {time.time() - watcher.started_at:.0f} s", flush=True)
     if not ok:
         log = task_log(exp, task)

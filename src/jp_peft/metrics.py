@@ -4,7 +4,7 @@ Both backends measure the same things the same way -- token-mean cross-entropy o
 blocks of the held-out Japanese and English indexed datasets, before the stage's first step and
 after its last -- and write them through `StageMetrics`; eval, compare and the launcher read them
 back through `read_stage_metrics`, which names the file and the field when something is off.
-The gain/forgetting formula lives here too.
+The gain/forgetting formulas (perplexity, in percent; downstream task averages, in points) live here too.
 """
 
 from __future__ import annotations
@@ -100,3 +100,13 @@ def relative_gain(before: float, after: float) -> float:
 def relative_forgetting(before: float, after: float) -> float:
     """English forgetting in percent: how much higher the perplexity is than the starting model's."""
     return 100.0 * (after - before) / before
+
+
+def downstream_gain(base_avg: float | None, avg: float | None) -> float | None:
+    """Japanese downstream gain in points: the model's task average minus the base model's (None if unknown)."""
+    return None if base_avg is None or avg is None else avg - base_avg
+
+
+def downstream_forgetting(base_avg: float | None, avg: float | None) -> float | None:
+    """English downstream forgetting in points: how far the task average fell below the base model's."""
+    return None if base_avg is None or avg is None else base_avg - avg

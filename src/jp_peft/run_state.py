@@ -26,6 +26,8 @@ from jp_peft.spec import ExperimentSpec, SpecError
 
 # Fields that say nothing about what a run computes: changing them is not a different run.
 NOT_COMPARED = ("stages", "wandb")
+# Fields only the eval stage reads: changing them reruns that stage and keeps the trained ones.
+EVAL_ONLY = ("eval",)
 
 
 class RunBusy(RuntimeError):
@@ -33,11 +35,16 @@ class RunBusy(RuntimeError):
 
 
 def comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in spec_dict.items() if k not in NOT_COMPARED}
+    return {k: v for k, v in spec_dict.items() if k not in NOT_COMPARED + EVAL_ONLY}
 
 
-def fingerprint(spec: ExperimentSpec) -> str:
-    text = json.dumps(comparable(spec.to_dict()), sort_keys=True, ensure_ascii=False)
+def fingerprint(spec: ExperimentSpec, stage: str | None = None) -> str:
+    """What a stage's record must carry to count as done for this spec: the comparable fields, plus the
+    eval section for the eval stage."""
+    values = comparable(spec.to_dict())
+    if stage == "eval":
+        values["eval"] = spec.to_dict()["eval"]
+    text = json.dumps(values, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -14,7 +14,8 @@
     OUTPUT_DIR/NAME/{cpt,sft}/hf_merged/         merged Hugging Face model + tokenizer
     OUTPUT_DIR/NAME/{cpt,sft}/model.nemo         merged NeMo checkpoint, one file (Megatron backend)
     OUTPUT_DIR/NAME/{cpt,sft}/export.json        the export record: artifacts and parity checks
-    OUTPUT_DIR/NAME/eval/results.json            downstream task scores of base, cpt and sft
+    OUTPUT_DIR/NAME/eval/results.json            downstream task scores of base, cpt and sft (lm-eval records)
+    OUTPUT_DIR/NAME/eval/samples.jsonl           greedy answers of base, cpt and sft to the bundled prompts
     OUTPUT_DIR/NAME/summary.json                 the table printed at the end
 
 GROUP is the sweep's group (NAME for a single run): the stages a sweep shares write there.
@@ -147,6 +148,19 @@ def eval_dir(spec: ExperimentSpec) -> Path:
     return spec.run_dir / "eval"
 
 
+def eval_results(spec: ExperimentSpec) -> Path:
+    return eval_results_of(spec.run_dir)
+
+
+def eval_results_of(run_dir: Path) -> Path:
+    """results.json of a run directory (`jp-peft compare` has directories, not specs)."""
+    return Path(run_dir) / "eval" / "results.json"
+
+
+def eval_samples(spec: ExperimentSpec) -> Path:
+    return eval_dir(spec) / "samples.jsonl"
+
+
 def summary_file(spec: ExperimentSpec) -> Path:
     return spec.run_dir / "summary.json"
 
@@ -167,6 +181,18 @@ def stage_record(spec: ExperimentSpec, stage: str, target: str | None = None) ->
 def base_model_dir(spec: ExperimentSpec) -> str:
     """The Hugging Face directory of the base model (tokenizer included), from the import record."""
     return read_json(import_record(spec), "base model")["base_dir"]
+
+
+def stage_result_hf(spec: ExperimentSpec, stage: str) -> str:
+    """The merged Hugging Face model a trained stage produced (what eval scores): the one its export record
+    names, or on the hf backend without an export stage the one training wrote."""
+    record = export_record(spec, stage)
+    if record.exists():
+        return read_json(record, f"eval of {stage}")["hf_merged"]
+    if (hf_merged(spec, stage) / "config.json").exists():
+        return str(hf_merged(spec, stage))
+    raise MissingRecord(f"eval of {stage}: no exported Hugging Face model ({record} not found); "
+                        "add the export stage")
 
 
 def stage_start_hf(spec: ExperimentSpec, stage: str) -> str:

@@ -119,9 +119,15 @@ class DataSpec:
     val_en_source: tuple[str, ...] = ()
     seq_length: int = 2048
     packing: bool = True
+    # English replay share of the CPT blend: when set, the weights become 1 - r for the Japanese (and
+    # "any") entries and r for the English ones, each group split in its declared proportions; an entry
+    # whose share is 0 is dropped (r=0: no replay). None: the blend's weights as declared.
+    replay_ratio: float | None = None
 
     def __post_init__(self):
         blend = tuple(BlendEntry(**b) if isinstance(b, dict) else b for b in self.blend)
+        if self.replay_ratio is not None:
+            blend = _with_replay_ratio(blend, self.replay_ratio)
         object.__setattr__(self, "blend", blend)
         for name in ("sft_source", "val_ja_source", "val_en_source"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -133,6 +139,27 @@ class DataSpec:
     def blend_weights(self) -> list[float]:
         total = sum(b.weight for b in self.blend)
         return [b.weight / total for b in self.blend]
+
+
+def _with_replay_ratio(blend: tuple[BlendEntry, ...], ratio: float) -> tuple[BlendEntry, ...]:
+    """The blend reweighted to an English share of `ratio` (see DataSpec.replay_ratio)."""
+    _require(0.0 <= ratio < 1.0, "data.replay_ratio", f"must be in [0, 1), got {ratio!r}")
+    _require(len(blend) > 0, "data.replay_ratio", "there is no blend to reweight (only the cpt stage has one)")
+    english = [b for b in blend if b.lang == "en"]
+    other = [b for b in blend if b.lang != "en"]
+    _require(bool(other), "data.replay_ratio", "the blend has no Japanese entry (lang ja or any) to keep")
+    _require(ratio == 0 or bool(english), "data.replay_ratio",
+             "the blend has no English entry (lang: en) to replay; add one or drop replay_ratio")
+    groups = ((other, 1.0 - ratio), (english, ratio))
+    if all(abs(sum(b.weight for b in group) - share) < 1e-9 for group, share in groups if share > 0) \
+            and (ratio > 0 or not english):
+        return blend  # already reweighted (a resolved spec read back): unchanged, so its fingerprint is too
+    out = []
+    for group, share in groups:
+        total = sum(b.weight for b in group)
+        out += [dataclasses.replace(b, weight=share * b.weight / total) for b in group if share > 0]
+    order = {b.name: i for i, b in enumerate(blend)}  # keep the declared order (Megatron's blend is ordered)
+    return tuple(sorted(out, key=lambda b: order[b.name]))
 
 
 @dataclass(frozen=True)
@@ -219,6 +246,57 @@ class WandbSpec:
 
 
 @dataclass(frozen=True)
+class EvalSpec:
+    """Downstream evaluation by the eval stage (lm-evaluation-harness, offline; jp_peft.evaluation): the
+    base model and each trained stage's exported model on the same tasks. Scores are in points
+    (accuracy x 100); the Japanese gain and the English forgetting are against the base model."""
+
+    # Japanese tasks or task sets (jp-peft eval --help lists them; a list, or one comma-separated string);
+    # their mean is the JA average. Default: lm-eval's Japanese leaderboard, multiple choice
+    # (JCommonsenseQA, JNLI, MARC-ja, XWinograd-ja).
+    tasks_ja: tuple[str, ...] | str = ("ja_leaderboard",)
+    # English tasks or sets; their mean is the EN average. Default "en": hellaswag, arc_easy, xwinograd_en.
+    tasks_en: tuple[str, ...] | str = ("en",)
+    # few-shot examples per task; None: each task's own default (lm-eval's YAML, 0 for the bundled tasks)
+    num_fewshot: int | None = None
+    # score only the first N items of each task; None: all of them
+    limit: int | None = None
+    batch_size: int = 8
+    # local task data: DATA_DIR/<task>/<split>.jsonl (Hub rows, unchanged); the bundled jpeft_* need none
+    data_dir: str | None = None
+    # directories of your own lm-eval task YAMLs (jp-peft eval --include-path)
+    include_path: tuple[str, ...] = ()
+    # greedy answers of every model to the bundled Japanese prompts -> eval/samples.jsonl
+    generation: bool = True
+    max_new_tokens: int = 64
+    seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("tasks_ja", "tasks_en"):  # `eval.tasks_ja=jpeft_jcqa,jpeft_jnli` on the command line
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, tuple(t.strip() for t in value.split(",") if t.strip()))
+        for name in ("tasks_ja", "tasks_en", "include_path"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            for item in getattr(self, name):
+                _require(isinstance(item, str) and item.strip() != "", f"eval.{name}",
+                         f"expected names, got {item!r}")
+        _require(self.num_fewshot is None or (isinstance(self.num_fewshot, int) and self.num_fewshot >= 0),
+                 "eval.num_fewshot", f"must be a non-negative integer or null, got {self.num_fewshot!r}")
+        _require(self.limit is None or (isinstance(self.limit, int) and self.limit > 0), "eval.limit",
+                 f"must be a positive integer or null (all items), got {self.limit!r}")
+        for name in ("batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"eval.{name}", f"must be a positive integer, got {value!r}")
+        _require(self.data_dir is None or bool(self.data_dir), "eval.data_dir", "must be a directory or null")
+
+    @property
+    def downstream(self) -> bool:
+        """Whether there are tasks to score (both lists empty: the eval stage only summarises perplexity)."""
+        return bool(self.tasks_ja or self.tasks_en)
+
+
+@dataclass(frozen=True)
 class ExperimentSpec:
     name: str = "qwen_lora_ja"
     # Runs of one sweep share a group: their W&B group and the directory of shared stages.
@@ -232,6 +310,7 @@ class ExperimentSpec:
     sft: StageSpec = field(default_factory=StageSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     wandb: WandbSpec = field(default_factory=WandbSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -332,7 +411,7 @@ def _to_plain(value: Any) -> Any:
 
 _NESTED = {
     ExperimentSpec: {"model": ModelSpec, "lora": LoraSpec, "cpt": StageSpec, "sft": StageSpec,
-                     "cluster": ClusterSpec, "wandb": WandbSpec},
+                     "cluster": ClusterSpec, "wandb": WandbSpec, "eval": EvalSpec},
     StageSpec: {"data": DataSpec, "train": TrainSpec},
 }
 

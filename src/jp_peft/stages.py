@@ -117,7 +117,8 @@ def run_export(exp: ExperimentSpec, target: str) -> dict:
 # --- evaluation -------------------------------------------------------------------------------
 
 def run_eval(exp: ExperimentSpec) -> dict:
-    """Summary of the experiment: Japanese gain and English forgetting per stage."""
+    """Summary of the experiment: Japanese gain and English forgetting per stage, in validation perplexity
+    and in downstream task scores (jp_peft.evaluation: base and every trained stage on the spec's tasks)."""
     rows = []
     for stage in TRAINED_STAGES:
         if stage not in exp.stages:
@@ -128,24 +129,60 @@ def run_eval(exp: ExperimentSpec) -> dict:
                      "en_ppl_before": m.base_val_ppl_en, "en_ppl_after": m.val_ppl_en,
                      "steps": m.steps, "tokens_per_second": m.tokens_per_second, "wall_seconds": m.wall_seconds,
                      "adapter": exported.get("hf_adapter"), "merged": exported.get("hf_merged")})
+    for path in (rundir.eval_results(exp), rundir.eval_samples(exp)):
+        path.unlink(missing_ok=True)  # never an earlier spec's scores beside this summary
+    downstream = None
+    if exp.eval.downstream or exp.eval.generation:
+        from jp_peft.evaluation.suite import run_suite
+
+        downstream = run_suite(exp, _log)
+    for row in rows:
+        scores = (downstream or {}).get("models", {}).get(row["stage"], {})
+        row.update({key: scores.get(key) for key in DOWNSTREAM_KEYS})
     summary = {"experiment": exp.name, "group": exp.group_name, "backend": exp.backend, "stages": rows,
-               "written": time.time(), "spec_fingerprint": fingerprint(exp)}
+               "downstream": downstream, "written": time.time(), "spec_fingerprint": fingerprint(exp, "eval")}
     rundir.write_json(rundir.summary_file(exp), summary)
     print(format_summary(summary), flush=True)
     return summary
 
 
+# per trained stage in summary.json, in points: task averages, and gain/forgetting against base
+DOWNSTREAM_KEYS = ("ja_avg", "en_avg", "ja_gain", "en_forgetting")
+
+
 def format_summary(summary: dict) -> str:
-    lines = [f"\n{summary['experiment']}: Japanese gain and English forgetting (validation perplexity)",
-             f"{'stage':<6} {'JA before':>10} {'JA after':>10} {'gain':>8} {'EN before':>10} {'EN after':>10} {'forget':>8}"]
+    from jp_peft.evaluation.summary import format_downstream
+
+    downstream = summary.get("downstream")
+    points = downstream is not None
+    lines = [f"\n{summary['experiment']}: Japanese gain and English forgetting (validation perplexity"
+             + ("; downstream task averages in points, against base)" if points else ")"),
+             f"{'stage':<6} {'JA before':>10} {'JA after':>10} {'gain':>8} {'EN before':>10} {'EN after':>10} {'forget':>8}"
+             + (f" {'JA avg':>7} {'JA gain':>7} {'EN avg':>7} {'EN forget':>9}" if points else "")]
+    if points:
+        base = downstream["models"].get("base", {})
+        lines.append(f"{'base':<6} {'':>10} {'':>10} {'':>8} {'':>10} {'':>10} {'':>8} {_pt(base.get('ja_avg')):>7} "
+                     f"{'':>7} {_pt(base.get('en_avg')):>7}")
     for r in summary["stages"]:
         gain = relative_gain(r["ja_ppl_before"], r["ja_ppl_after"])
         forget = relative_forgetting(r["en_ppl_before"], r["en_ppl_after"])
-        lines.append(f"{r['stage']:<6} {r['ja_ppl_before']:>10.2f} {r['ja_ppl_after']:>10.2f} {gain:>7.1f}% "
-                     f"{r['en_ppl_before']:>10.2f} {r['en_ppl_after']:>10.2f} {forget:>7.1f}%")
+        line = (f"{r['stage']:<6} {r['ja_ppl_before']:>10.2f} {r['ja_ppl_after']:>10.2f} {gain:>7.1f}% "
+                f"{r['en_ppl_before']:>10.2f} {r['en_ppl_after']:>10.2f} {forget:>7.1f}%")
+        if points:
+            line += (f" {_pt(r.get('ja_avg')):>7} {_pt(r.get('ja_gain'), True):>7} {_pt(r.get('en_avg')):>7} "
+                     f"{_pt(r.get('en_forgetting'), True):>9}")
+        lines.append(line)
+    if points and downstream["models"]:
+        lines.append(format_downstream(downstream))
     for r in summary["stages"]:
         lines.append(f"  {r['stage']}: adapter {r['adapter']}\n  {r['stage']}: merged  {r['merged']}")
     return "\n".join(lines)
+
+
+def _pt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
 # --- the task entry point ---------------------------------------------------------------------
@@ -164,7 +201,7 @@ def run_stage(spec: dict, stage: str, target: str | None = None, recipe=None):
     started = time.perf_counter()
     if stage not in SHARED_STAGES:  # the shared stages are idempotent by themselves (reused checkpoint, prefixes)
         record = rundir.stage_record(exp, stage, target)
-        if finished_earlier(record, fingerprint(exp)):
+        if finished_earlier(record, fingerprint(exp, stage)):
             _log(f"{stage}{' ' + target if target else ''}: done earlier with the same spec ({record}); kept")
             return None
         record.unlink(missing_ok=True)  # a stage that runs again never leaves an older record looking current

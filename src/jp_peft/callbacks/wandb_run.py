@@ -56,6 +56,22 @@ def wandb_logger(exp: ExperimentSpec, stage: str):
                        offline=offline, id=run_id, resume="allow", config=config)
 
 
+def wandb_stage_run(exp: ExperimentSpec, stage: str):
+    """A plain W&B run with a training stage's identity (group, job_type = stage, name, tags, config), for
+    stages that do not train through Lightning (eval); None when W&B is off."""
+    if not exp.wandb.enabled or wandb_mode() == "disabled":
+        return None
+    import wandb
+
+    exp.run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    config = {"spec": exp.to_dict(), "stage": stage, "git": git_state(), "backend": exp.backend}
+    return wandb.init(project=exp.wandb.project, entity=exp.wandb.entity, group=exp.group_name, job_type=stage,
+                      name=f"{stage}:{exp.name}", tags=[*exp.wandb.tags, stage, exp.backend], dir=str(exp.run_dir),
+                      mode=wandb_mode(), id=f"{exp.name}-{stage}-{uuid.uuid4().hex[:8]}", config=config,
+                      settings=wandb.Settings(console="off"))
+
+
 def log_adapter_artifact(logger, exp: ExperimentSpec, stage: str, adapter_dir: Path, metrics: dict) -> None:
     import wandb
 

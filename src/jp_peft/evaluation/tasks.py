@@ -210,8 +210,10 @@ def _local_data_files(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _locate_data(source: TaskSource, data_dir: Path | None, num_fewshot: int | None) -> tuple[str | None, dict]:
-    """(None, split files) when the task can run; (one line saying what to provide, {}) otherwise."""
+def _locate_data(source: TaskSource, data_dir: Path | None, num_fewshot: int | None,
+                 data_dir_option: str = "--data-dir DATA_DIR") -> tuple[str | None, dict]:
+    """(None, split files) when the task can run; (one line saying what to provide, {}) otherwise.
+    `data_dir_option` is how the caller's user sets the data directory (a flag, or a spec field)."""
     config = source.config
     if source.origin == "bundled":
         return None, {}
@@ -229,7 +231,7 @@ def _locate_data(source: TaskSource, data_dir: Path | None, num_fewshot: int | N
            "writes them")
     if data_dir is None:
         return (f"{source.name}: needs Hub data set {hub}, which is not bundled and is not downloaded here; "
-                f"pass --data-dir DATA_DIR holding {source.name}/{wanted}; {how}"), {}
+                f"pass {data_dir_option} holding {source.name}/{wanted}; {how}"), {}
     task_dir = Path(data_dir) / source.name
     found, missing = _find_split_files(task_dir, list(splits))
     if missing:
@@ -243,11 +245,13 @@ def _locate_data(source: TaskSource, data_dir: Path | None, num_fewshot: int | N
 
 
 def check_available(tasks: str | Sequence[str], data_dir: str | Path | None = None, *,
-                    num_fewshot: int | None = None, include_path: Sequence[str | Path] = ()) -> list[TaskSource]:
+                    num_fewshot: int | None = None, include_path: Sequence[str | Path] = (),
+                    data_dir_option: str = "--data-dir DATA_DIR") -> list[TaskSource]:
     """Resolve `tasks` and make sure each has its data, without loading any model or data set.
     Raises UnknownTaskError, or MissingTaskDataError with one line per task that has no data."""
     sources = resolve_tasks(tasks, include_path)
-    lines = [line for s in sources if (line := _locate_data(s, Path(data_dir) if data_dir else None, num_fewshot)[0])]
+    where = Path(data_dir) if data_dir else None
+    lines = [line for s in sources if (line := _locate_data(s, where, num_fewshot, data_dir_option)[0])]
     if lines:
         raise MissingTaskDataError(lines)
     return sources
