@@ -9,7 +9,6 @@ behind, and say how to resume; routine mistakes are one line and exit 2.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess

@@ -45,7 +45,7 @@ def stage_state(spec: ExperimentSpec, stage: str, target: str | None) -> str:
         if stage in SHARED_STAGES:  # shared stages are reused by every spec of the group
             return "done"
         try:
-            current = rundir.read_json(record, "status").get("spec_fingerprint") == fingerprint(spec)
+            current = rundir.read_json(record, "status").get("spec_fingerprint") == fingerprint(spec, stage)
         except (rundir.MissingRecord, AttributeError):
             current = False
         return "done" if current else "stale (another spec)"

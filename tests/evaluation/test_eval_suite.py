@@ -3,7 +3,6 @@ downstream summary's numbers (averages, gain, forgetting) from a results record.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
