@@ -44,7 +44,7 @@ def suite_problems(exp: ExperimentSpec) -> list[str]:
                 requested, ev.data_dir, num_fewshot=ev.num_fewshot, include_path=ev.include_path,
                 data_dir_option=DATA_DIR_OPTION)]
         except UnknownTaskError as exc:
-            problems.append(f"eval.{field}: {exc}")
+            problems.append(f"eval.{field}: {str(exc).replace('--include-path', 'eval.include_path')}")
         except MissingTaskDataError as exc:
             problems += [f"eval.{field}: {line}" for line in exc.lines]
     both = sorted(set(names.get("tasks_ja", [])) & set(names.get("tasks_en", [])))
