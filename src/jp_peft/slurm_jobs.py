@@ -48,3 +48,13 @@ def wait_for(job_ids: dict[str, str], timeout_s: float = 24 * 3600, poll_s: floa
         if all(is_finished(*s) for s in states.values()) or time.time() > deadline:
             return states
         time.sleep(poll_s)
+
+
+def cancel_never_runnable(job_ids: dict[str, str], states: dict[str, tuple]) -> list[str]:
+    """Cancel the jobs Slurm keeps pending forever because a dependency failed (without
+    kill_invalid_depend they would stay in the queue); returns their names."""
+    never = [name for name, (state, reason) in states.items()
+             if state == "PENDING" and reason == "DependencyNeverSatisfied"]
+    if never:
+        subprocess.run(["scancel", *(job_ids[name] for name in never)], capture_output=True, text=True)
+    return never
