@@ -126,7 +126,8 @@ def run_eval(exp: ExperimentSpec) -> dict:
         exported = rundir.read_json(rundir.export_record(exp, stage), "eval") if "export" in exp.stages else {}
         rows.append({"stage": stage, "ja_ppl_before": m.base_val_ppl_ja, "ja_ppl_after": m.val_ppl_ja,
                      "en_ppl_before": m.base_val_ppl_en, "en_ppl_after": m.val_ppl_en,
-                     "steps": m.steps, "tokens_per_second": m.tokens_per_second, "wall_seconds": m.wall_seconds,
+                     "steps": m.steps, "method": m.method, "trainable_params": m.trainable_params,
+                     "early_stopped_at_step": m.early_stopped_at_step, "tokens_per_second": m.tokens_per_second, "wall_seconds": m.wall_seconds,
                      "adapter": exported.get("hf_adapter"), "merged": exported.get("hf_merged")})
     summary = {"experiment": exp.name, "group": exp.group_name, "backend": exp.backend, "stages": rows,
                "written": time.time(), "spec_fingerprint": fingerprint(exp)}
@@ -144,7 +145,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{r['stage']:<6} {r['ja_ppl_before']:>10.2f} {r['ja_ppl_after']:>10.2f} {gain:>7.1f}% "
                      f"{r['en_ppl_before']:>10.2f} {r['en_ppl_after']:>10.2f} {forget:>7.1f}%")
     for r in summary["stages"]:
-        lines.append(f"  {r['stage']}: adapter {r['adapter']}\n  {r['stage']}: merged  {r['merged']}")
+        adapter = r["adapter"] or f"none (method {r.get('method', 'full')}: the merged model is the result)"
+        lines.append(f"  {r['stage']}: adapter {adapter}\n  {r['stage']}: merged  {r['merged']}")
     return "\n".join(lines)
 
 
