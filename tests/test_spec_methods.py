@@ -34,6 +34,9 @@ def test_method_override_sets_one_stage_and_changes_the_fingerprint(method):
     (["train.early_stopping_patience=-1"], r"cpt\.train\.early_stopping_patience: must be an integer >= 0"),
     (["train.early_stopping_patience=1.5"], r"cpt\.train\.early_stopping_patience: expected int"),
     (["train.early_stopping_min_delta=-0.1"], r"cpt\.train\.early_stopping_min_delta: must be >= 0"),
+    (["cpt.method=lora_embed", "train.embed_lr=1e-5"], r"sft\.train\.embed_lr: only method lora_embed .* 'lora'"),
+    (["cpt.train.early_stopping_patience=1", "cpt.train.max_steps=50", "cpt.train.warmup_steps=5"],
+     r"cpt\.train\.early_stopping_patience: needs validations: val_check_interval=100 is beyond max_steps=50"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(SpecError, match=field):
@@ -41,7 +44,8 @@ def test_bad_values_name_the_field(overrides, field):
 
 
 def test_train_shorthand_sets_both_stages_and_fingerprints():
-    spec = _spec("train.embed_lr=1e-5", "train.early_stopping_patience=3", "train.early_stopping_min_delta=0.01")
+    spec = _spec("cpt.method=lora_embed", "sft.method=lora_embed", "train.embed_lr=1e-5",
+                 "train.early_stopping_patience=3", "train.early_stopping_min_delta=0.01")
     for stage in (spec.cpt, spec.sft):
         assert stage.train.embed_lr == 1e-5 and stage.train.early_stopping_patience == 3
         assert stage.train.early_stopping_min_delta == 0.01

@@ -181,6 +181,9 @@ class TrainSpec:
         _require(self.embed_lr is None or self.embed_lr > 0, "train.embed_lr", f"must be positive, got {self.embed_lr}")
         _require(isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 0,
                  "train.early_stopping_patience", f"must be an integer >= 0 (0: off), got {self.early_stopping_patience!r}")
+        _require(self.early_stopping_patience == 0 or self.val_check_interval <= self.max_steps,
+                 "train.early_stopping_patience", f"needs validations: val_check_interval={self.val_check_interval} "
+                 f"is beyond max_steps={self.max_steps}")
         _require(self.early_stopping_min_delta >= 0, "train.early_stopping_min_delta",
                  f"must be >= 0, got {self.early_stopping_min_delta}")
 
@@ -225,6 +228,9 @@ class StageSpec:
 
     def __post_init__(self):
         _choice(self.method, METHODS, "method")
+        # A setting the method would ignore is a mistake to report, not to skip quietly.
+        _require(self.train.embed_lr is None or self.method == "lora_embed", "train.embed_lr",
+                 f"only method lora_embed trains embeddings (this stage's method is {self.method!r})")
 
 
 @dataclass(frozen=True)
@@ -393,7 +399,7 @@ def build(cls, values: dict[str, Any], path: str = ""):
         message, section = str(exc), path.rsplit(".", 1)[-1]
         if path and "." in path and message.startswith(section + "."):
             raise SpecError(path + message[len(section):]) from None
-        if path and message.split(":", 1)[0] in known:  # a section's own field ("method" -> "cpt.method")
+        if path and message.split(":", 1)[0].split(".")[0] in known:  # a section's own field ("method" -> "cpt.method")
             raise SpecError(f"{path}.{message}") from None
         raise
 
