@@ -1,10 +1,11 @@
 """`jp-peft compare RUN_DIR...`: one table and three plots for a set of finished runs, offline.
 
 Reads each run's own files (spec.json, <stage>/metrics.json, <stage>/train_log.jsonl, eval/results.json):
-the config keys that differ between runs, final Japanese/English perplexity, gain, forgetting,
-downstream JA/EN task averages with gain and forgetting in points against base, throughput, MFU and
-wall time; train loss against tokens; the JA-vs-EN trade-off in perplexity and in task averages.
-A run without downstream results has blank downstream cells and no line in that plot.
+the config keys that differ between runs, each stage's method and trainable parameters, final
+Japanese/English perplexity, gain, forgetting, downstream JA/EN task averages with gain and forgetting
+in points against base, throughput, MFU and wall time; train loss against tokens; the JA-vs-EN
+trade-off in perplexity and in task averages. A run without downstream results has blank downstream
+cells and no line in that plot.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]
         mfu = [r["perf/mfu"] for s in run["stages"].values() for r in s["log"] if r.get("perf/mfu") is not None]
         row = {"run": run["name"], **{k: flat.get(k) for k in diff_keys},
                "stages": "+".join(run["stages"]),
+               # per stage, in stage order: what it trained and how many parameters that was
+               "method": "+".join(s["metrics"].get("method", "lora") for s in run["stages"].values()),
+               "trainable_params": "+".join(f"{s['metrics']['trainable_params']:,}" for s in run["stages"].values()),
                "ja_ppl_base": first["base_val_ppl_ja"], "ja_ppl": last["val_ppl_ja"],
                "ja_gain_%": 100 * (first["base_val_ppl_ja"] - last["val_ppl_ja"]) / first["base_val_ppl_ja"],
                "en_ppl_base": first["base_val_ppl_en"], "en_ppl": last["val_ppl_en"],

@@ -40,6 +40,10 @@ class StageMetrics:
     resumed_from: str | None = None
     val_history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (blend epochs, ...)
+    method: str = "lora"  # what the stage trained (spec.METHODS); trainable_params follow it
+    # Set when early stopping ended the stage before max_steps: the step it stopped at and why.
+    early_stopped_at_step: int | None = None
+    stop_reason: str | None = None
     spec_fingerprint: str = ""  # of the spec that produced it (jp_peft.run_state): a rerun keeps it only if equal
 
     @property

@@ -10,9 +10,10 @@
     OUTPUT_DIR/NAME/{cpt,sft}/val_baseline.json  the starting model's held-out losses (Megatron)
     OUTPUT_DIR/NAME/{cpt,sft}/checkpoints/       the trainer's checkpoints (resume); on Megatron
     OUTPUT_DIR/NAME/{cpt,sft}/nemo/              NeMo's log directory, checkpoints/ inside
-    OUTPUT_DIR/NAME/{cpt,sft}/hf_adapter/        PEFT adapter
+    OUTPUT_DIR/NAME/{cpt,sft}/hf_adapter/        PEFT adapter (methods lora, lora_embed; none under full)
     OUTPUT_DIR/NAME/{cpt,sft}/hf_merged/         merged Hugging Face model + tokenizer
     OUTPUT_DIR/NAME/{cpt,sft}/model.nemo         merged NeMo checkpoint, one file (Megatron backend)
+    OUTPUT_DIR/NAME/{cpt,sft}/trained_logits.pt  the trained model's logits on held-out ids (hf; export checks)
     OUTPUT_DIR/NAME/{cpt,sft}/export.json        the export record: artifacts and parity checks
     OUTPUT_DIR/NAME/eval/results.json            downstream task scores of base, cpt and sft (lm-eval records)
     OUTPUT_DIR/NAME/eval/samples.jsonl           greedy answers of base, cpt and sft to the bundled prompts
@@ -129,6 +130,10 @@ def hf_adapter(spec: ExperimentSpec, stage: str) -> Path:
 
 def hf_merged(spec: ExperimentSpec, stage: str) -> Path:
     return stage_dir(spec, stage) / "hf_merged"
+
+
+def trained_logits(spec: ExperimentSpec, stage: str) -> Path:
+    return stage_dir(spec, stage) / "trained_logits.pt"
 
 
 def nemo_merged(spec: ExperimentSpec, stage: str) -> Path:

@@ -24,6 +24,11 @@ SHARED_STAGES = ("import", "data")  # shared by the runs of a sweep: they write 
 TRAINED_STAGES = ("cpt", "sft")
 ACCELERATORS = ("gpu", "cpu")
 PRECISIONS = ("bf16-mixed", "16-mixed", "32", "32-true", "bf16-true")
+# What a trained stage trains: LoRA on the projections (lora); LoRA plus the input embeddings and the
+# output layer, at train.embed_lr (lora_embed); every parameter, no adapter (full).
+METHODS = ("lora", "lora_embed", "full")
+# What the Megatron backend translates so far; the rest is refused at plan time rather than ignored.
+MEGATRON_METHODS = ("lora",)
 
 
 class SpecError(ValueError):
@@ -179,6 +184,13 @@ class TrainSpec:
     ckpt_every_n_steps: int = 100
     precision: str = "bf16-mixed"
     seed: int = 1234
+    # Learning rate of the input embeddings and output layer under method lora_embed (None: `lr`).
+    # CPT guides train them 2-10x slower than the adapters: they move every token's representation.
+    embed_lr: float | None = None
+    # Stop the stage after this many validations without the Japanese validation loss improving by
+    # more than `early_stopping_min_delta` (0: off, the stage runs max_steps).
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self):
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "val_check_interval",
@@ -193,6 +205,14 @@ class TrainSpec:
                  f"{self.global_batch_size} is not divisible by micro_batch_size={self.micro_batch_size}")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _choice(self.precision, PRECISIONS, "train.precision")
+        _require(self.embed_lr is None or self.embed_lr > 0, "train.embed_lr", f"must be positive, got {self.embed_lr}")
+        _require(isinstance(self.early_stopping_patience, int) and self.early_stopping_patience >= 0,
+                 "train.early_stopping_patience", f"must be an integer >= 0 (0: off), got {self.early_stopping_patience!r}")
+        _require(self.early_stopping_patience == 0 or self.val_check_interval <= self.max_steps,
+                 "train.early_stopping_patience", f"needs validations: val_check_interval={self.val_check_interval} "
+                 f"is beyond max_steps={self.max_steps}")
+        _require(self.early_stopping_min_delta >= 0, "train.early_stopping_min_delta",
+                 f"must be >= 0, got {self.early_stopping_min_delta}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +250,14 @@ class ClusterSpec:
 class StageSpec:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    # What the stage trains, one of METHODS (see there).
+    method: str = "lora"
+
+    def __post_init__(self):
+        _choice(self.method, METHODS, "method")
+        # A setting the method would ignore is a mistake to report, not to skip quietly.
+        _require(self.train.embed_lr is None or self.method == "lora_embed", "train.embed_lr",
+                 f"only method lora_embed trains embeddings (this stage's method is {self.method!r})")
 
 
 @dataclass(frozen=True)
@@ -330,6 +358,14 @@ class ExperimentSpec:
                      f"= {train.micro_batch_size} x {self.cluster.data_parallel_size}")
         if "cpt" in self.stages:
             _require(len(self.cpt.data.blend) > 0, "cpt.data.blend", "the cpt stage needs at least one dataset")
+        if self.backend == "megatron":
+            for stage_name in TRAINED_STAGES:
+                stage = getattr(self, stage_name)
+                _require(stage.method in MEGATRON_METHODS, f"{stage_name}.method",
+                         f"{stage.method!r} is not implemented on the megatron backend yet "
+                         f"(it trains {', '.join(MEGATRON_METHODS)}); use --backend hf")
+                _require(stage.train.early_stopping_patience == 0, f"{stage_name}.train.early_stopping_patience",
+                         "early stopping is not implemented on the megatron backend yet; use --backend hf or set it to 0")
         if self.backend == "megatron" and self.cluster.accelerator == "cpu":
             _require(self.model.tiny, "cluster.accelerator",
                      "the Megatron backend runs on CPU only for the embedded tiny model (--smoke); "
@@ -442,6 +478,8 @@ def build(cls, values: dict[str, Any], path: str = ""):
         message, section = str(exc), path.rsplit(".", 1)[-1]
         if path and "." in path and message.startswith(section + "."):
             raise SpecError(path + message[len(section):]) from None
+        if path and message.split(":", 1)[0].split(".")[0] in known:  # a section's own field ("method" -> "cpt.method")
+            raise SpecError(f"{path}.{message}") from None
         raise
 
 

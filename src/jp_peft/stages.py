@@ -127,7 +127,8 @@ def run_eval(exp: ExperimentSpec) -> dict:
         exported = rundir.read_json(rundir.export_record(exp, stage), "eval") if "export" in exp.stages else {}
         rows.append({"stage": stage, "ja_ppl_before": m.base_val_ppl_ja, "ja_ppl_after": m.val_ppl_ja,
                      "en_ppl_before": m.base_val_ppl_en, "en_ppl_after": m.val_ppl_en,
-                     "steps": m.steps, "tokens_per_second": m.tokens_per_second, "wall_seconds": m.wall_seconds,
+                     "steps": m.steps, "method": m.method, "trainable_params": m.trainable_params,
+                     "early_stopped_at_step": m.early_stopped_at_step, "tokens_per_second": m.tokens_per_second, "wall_seconds": m.wall_seconds,
                      "adapter": exported.get("hf_adapter"), "merged": exported.get("hf_merged")})
     for path in (rundir.eval_results(exp), rundir.eval_samples(exp)):
         path.unlink(missing_ok=True)  # never an earlier spec's scores beside this summary
@@ -175,7 +176,8 @@ def format_summary(summary: dict) -> str:
     if points and downstream["models"]:
         lines.append(format_downstream(downstream))
     for r in summary["stages"]:
-        lines.append(f"  {r['stage']}: adapter {r['adapter']}\n  {r['stage']}: merged  {r['merged']}")
+        adapter = r["adapter"] or f"none (method {r.get('method', 'full')}: the merged model is the result)"
+        lines.append(f"  {r['stage']}: adapter {adapter}\n  {r['stage']}: merged  {r['merged']}")
     return "\n".join(lines)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from jp_peft.callbacks.flops import lora_flops_per_token, shape_of_hf_config
+from jp_peft.callbacks.flops import method_flops_per_token, shape_of_hf_config
 
 
-def flops_per_token_fn(peft_model, stage_spec) -> float:
-    """Training FLOPs per token of this LoRA model at the stage's sequence length."""
-    config = peft_model.base_model.model.config
-    lora = peft_model.peft_config["default"]
-    return lora_flops_per_token(shape_of_hf_config(config), stage_spec.data.seq_length, lora.r, sorted(lora.target_modules))
+def flops_per_token_fn(model, stage_spec) -> float:
+    """Training FLOPs per token of this model (a PeftModel, or a plain one under method full) at the
+    stage's sequence length."""
+    config = model.config
+    lora = getattr(model, "peft_config", {}).get("default")
+    rank, targets = (lora.r, sorted(lora.target_modules)) if lora is not None else (0, ())
+    return method_flops_per_token(shape_of_hf_config(config), stage_spec.data.seq_length,
+                                  getattr(stage_spec, "method", "lora"), rank, targets)

@@ -1,7 +1,8 @@
-"""The Hugging Face backend: the spec's LoRA stage trained with transformers + peft + Lightning.
+"""The Hugging Face backend: the spec's trained stage with transformers + peft + Lightning.
 
 Runs on CPU or one GPU (bf16 where the GPU has it). Same spec, same prepared data and the
-same outputs as the Megatron backend: hf_adapter/, hf_merged/, metrics.json.
+same outputs as the Megatron backend: hf_adapter/, hf_merged/, metrics.json. What each method
+trains and exports is backends/hf_methods.py.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,18 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from jp_peft.backends import hf_methods
 from jp_peft.backends.hf_data import BlendedBlocks, SFTDataset, packed_attention_mask
 from jp_peft.data.blocks import EvalBlocks
 from jp_peft.interrupt import StageInterrupted
 from jp_peft.metrics import StageMetrics
 from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
 
-
-def lora_config(lora: LoraSpec):
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+lora_config = hf_methods.lora_config  # the name callers (tests, bench) know
 
 
 def resolve_precision(requested: str) -> str:
@@ -57,14 +52,14 @@ class OffsetSampler(torch.utils.data.Sampler):
 
 
 class LoraLanguageModel(pl.LightningModule):
-    def __init__(self, base_dir: str, lora: LoraSpec, train_spec: TrainSpec, train_set: Dataset,
-                 val_sets: dict[str, Dataset], dtype: torch.dtype = torch.float32):
-        super().__init__()
-        from peft import get_peft_model
-        from transformers import AutoModelForCausalLM
+    """One trained stage of any method (the name predates the others): `model` is a PeftModel, or the
+    plain model under method full."""
 
-        base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=dtype)
-        self.model = get_peft_model(base, lora_config(lora))
+    def __init__(self, base_dir: str, lora: LoraSpec, train_spec: TrainSpec, train_set: Dataset,
+                 val_sets: dict[str, Dataset], dtype: torch.dtype = torch.float32, method: str = "lora"):
+        super().__init__()
+        self.method = method
+        self.model = hf_methods.build_model(base_dir, method, lora, dtype)
         self.train_spec = train_spec
         self.train_set, self.val_sets = train_set, val_sets
         self.val_names = list(val_sets)
@@ -74,7 +69,7 @@ class LoraLanguageModel(pl.LightningModule):
         self.last_grad_norm = float("nan")
         self.consumed_tokens = 0
         self.automatic_optimization = False  # accumulation and clipping in training_step, see there
-        # Only LoRA weights go into checkpoints; the frozen base is reloaded from base_dir.
+        # Only trained weights go into checkpoints; the frozen base is reloaded from base_dir.
         self.strict_loading = False
 
     # --- data --------------------------------------------------------------------------
@@ -159,7 +154,8 @@ class LoraLanguageModel(pl.LightningModule):
         self.model.eval()
         total, count = 0.0, 0
         loader = DataLoader(self.val_sets[name], batch_size=self.train_spec.micro_batch_size)
-        ctx = self.model.disable_adapter() if disable_adapter else contextlib.nullcontext()
+        off = disable_adapter and hf_methods.is_peft(self.model)
+        ctx = self.model.disable_adapter() if off else contextlib.nullcontext()
         with ctx:
             for batch in loader:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -172,14 +168,14 @@ class LoraLanguageModel(pl.LightningModule):
     # --- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
         spec = self.train_spec
-        params = [p for p in self.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98), eps=1e-5)
+        groups = hf_methods.param_groups(self.model, self.method, spec)
+        optim = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98), eps=1e-5)
 
         def cosine_with_warmup(step: int) -> float:
             if step < spec.warmup_steps:
                 return (step + 1) / (spec.warmup_steps + 1)
             progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.max_steps - spec.warmup_steps))
-            floor = spec.min_lr / spec.lr
+            floor = spec.min_lr / spec.lr  # a factor: every group (embed_lr too) decays to the same share
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         sched = torch.optim.lr_scheduler.LambdaLR(optim, cosine_with_warmup)
@@ -216,9 +212,10 @@ def build_datasets(spec: ExperimentSpec, stage: str, tokenizer, paths: dict[str,
 
 def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path, paths: dict[str, Any],
                 loggers: list, callbacks: list, flops_per_token_fn):
-    """Train one LoRA stage; returns (StageMetrics, the trained PeftModel, the tokenizer)."""
+    """Train one stage; returns (StageMetrics, the trained model (PeftModel unless method full), the tokenizer)."""
     from transformers import AutoTokenizer
 
+    from jp_peft.callbacks.early_stopping import EarlyStopping
     from jp_peft.callbacks.preemption import PreemptionCheckpoint
     from jp_peft.callbacks.step_metrics import StepMetrics
 
@@ -232,12 +229,11 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     train_set, val_sets = build_datasets(spec, stage, tokenizer, paths)
     precision = resolve_precision(train.precision)
-    module = LoraLanguageModel(base_dir, spec.lora, train, train_set, val_sets)
-    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.model.parameters())
+    module = LoraLanguageModel(base_dir, spec.lora, train, train_set, val_sets, method=stage_spec.method)
+    trainable, total = hf_methods.count_params(module.model)
 
     for logger in loggers:
-        logger.log_hyperparams({"params": {"trainable": trainable, "total": total,
+        logger.log_hyperparams({"params": {"trainable": trainable, "total": total, "method": stage_spec.method,
                                            "trainable_percent": 100.0 * trainable / total}})
     ckpt_dir = stage_dir / "checkpoints"
     resume_from = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else None
@@ -248,18 +244,21 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     step_metrics = StepMetrics(stage_dir / "train_log.jsonl", flops_per_token_fn(module.model, stage_spec), stage)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
                                               every_n_train_steps=train.ckpt_every_n_steps, save_top_k=-1, save_last=True)
+    early_stop = [EarlyStopping(train.early_stopping_patience, train.early_stopping_min_delta)] \
+        if train.early_stopping_patience else []
     trainer = pl.Trainer(
         accelerator="auto", devices=1, precision=precision, max_steps=train.max_steps, max_epochs=-1,
         val_check_interval=train.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=train.limit_val_batches, num_sanity_val_steps=0, logger=loggers or False,
-        callbacks=[step_metrics, checkpoint, PreemptionCheckpoint(ckpt_dir / "last.ckpt"), *callbacks],
+        callbacks=[step_metrics, checkpoint, PreemptionCheckpoint(ckpt_dir / "last.ckpt"), *early_stop, *callbacks],
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False, default_root_dir=str(stage_dir),
         deterministic=False, use_distributed_sampler=False,
     )
     started = time.perf_counter()
     trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
-    if trainer.global_step < train.max_steps:
+    stopped = early_stop[0] if early_stop and early_stop[0].stopped_at_step is not None else None
+    if trainer.global_step < train.max_steps and stopped is None:
         raise StageInterrupted(stage, trainer.global_step, train.max_steps, ckpt_dir)
 
     final = {lang: module.evaluate(lang) for lang in val_sets}
@@ -277,47 +276,13 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
         train_loss_first=log[0]["train/loss"], train_loss_last=log[-1]["train/loss"],
         tokens_per_second=tokens / seconds if seconds else 0.0, consumed_tokens=log[-1]["perf/consumed_tokens"],
         trainable_params=trainable, total_params=total, wall_seconds=wall, precision=precision,
-        resumed_from=str(resume_from) if resume_from else None, val_history=module.val_history, extra=extra)
+        resumed_from=str(resume_from) if resume_from else None, val_history=module.val_history, extra=extra,
+        method=stage_spec.method, early_stopped_at_step=stopped.stopped_at_step if stopped else None,
+        stop_reason=stopped.stop_reason if stopped else None)
     module.model.eval()
     return metrics, module.model, tokenizer
 
 
-def export_hf(peft_model, tokenizer, base_dir: str, stage_dir: Path) -> dict[str, str]:
-    """hf_adapter/ (PEFT) and hf_merged/ (merged model + tokenizer), each renamed into place when complete."""
-    adapter_dir, merged_dir = stage_dir / "hf_adapter", stage_dir / "hf_merged"
-    for final in (adapter_dir, merged_dir):
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-    tmp_adapter = adapter_dir.with_name("hf_adapter.tmp")
-    peft_model.save_pretrained(tmp_adapter, safe_serialization=True)
-    # Point the adapter at an existing local base so PeftModel.from_pretrained works offline.
-    cfg_path = tmp_adapter / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(Path(base_dir).resolve())
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    _replace_dir(tmp_adapter, adapter_dir)
-
-    tmp_merged = merged_dir.with_name("hf_merged.tmp")
-    merged = _merged_copy(peft_model)
-    merged.save_pretrained(tmp_merged, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_merged)
-    _replace_dir(tmp_merged, merged_dir)
-    return {"hf_adapter": str(adapter_dir), "hf_merged": str(merged_dir)}
-
-
-def _merged_copy(peft_model):
-    """merge_and_unload on a copy, so the live PeftModel keeps its adapter for later checks."""
-    import copy
-
-    return copy.deepcopy(peft_model).merge_and_unload()
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+def export_hf(model, tokenizer, base_dir: str, stage_dir: Path) -> dict[str, str]:
+    """What the stage's method exports (hf_methods.export): hf_merged/, and hf_adapter/ for PEFT methods."""
+    return hf_methods.export(model, tokenizer, base_dir, stage_dir)

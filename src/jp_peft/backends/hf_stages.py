@@ -23,36 +23,62 @@ def stage_paths(spec: ExperimentSpec, stage: str) -> dict:
 
 
 def train(spec: ExperimentSpec, stage: str, recipe=None) -> StageMetrics:
-    """Train the LoRA stage with transformers + peft + Lightning, export hf_adapter/ and hf_merged/."""
+    """Train the stage with transformers (+ peft) + Lightning, export what its method exports (hf_methods),
+    and keep the trained model's logits on held-out ids for the export checks."""
+    import torch
+
     from jp_peft.backends.hf import export_hf, train_stage
     from jp_peft.callbacks.wandb_run import log_adapter_artifact, wandb_logger
+    from jp_peft.export import parity
     from jp_peft.tracking import flops_per_token_fn
 
     stage_dir = rundir.stage_dir(spec, stage)
     stage_dir.mkdir(parents=True, exist_ok=True)
     base = rundir.stage_start_hf(spec, stage)
-    print(f"[jp-peft] {stage}: LoRA r={spec.lora.rank} alpha={spec.lora.alpha} on {base}", flush=True)
+    method = spec.stage(stage).method
+    shape = "all parameters" if method == "full" else f"LoRA r={spec.lora.rank} alpha={spec.lora.alpha}" + (
+        " + embeddings/output layer" if method == "lora_embed" else "")
+    print(f"[jp-peft] {stage}: {method} ({shape}) on {base}", flush=True)
     logger = wandb_logger(spec, stage)
     metrics, model, tokenizer = train_stage(spec, stage, base, stage_dir, stage_paths(spec, stage),
                                             [logger] if logger else [], [], flops_per_token_fn)
-    export_hf(model, tokenizer, base, stage_dir)
+    written = export_hf(model, tokenizer, base, stage_dir)
+    with torch.no_grad():
+        ids = parity.held_out_ids(spec.stage(stage).data.val_ja)
+        torch.save(model.float()(input_ids=ids.to(model.device)).logits.float().cpu(), rundir.trained_logits(spec, stage))
     if logger is not None:
-        log_adapter_artifact(logger, spec, stage, rundir.hf_adapter(spec, stage), metrics.to_dict())
+        if "hf_adapter" in written:
+            log_adapter_artifact(logger, spec, stage, rundir.hf_adapter(spec, stage), metrics.to_dict())
         logger.experiment.summary.update({k: v for k, v in metrics.to_dict().items() if isinstance(v, (int, float))})
         logger.experiment.finish()
     return metrics
 
 
 def export(spec: ExperimentSpec, stage: str) -> dict:
-    """The adapter on the base it names must reproduce the merged model (both written by `train`)."""
+    """The exported models must reproduce the trained one: hf_merged against the trained model's logits
+    (every method), and the adapter on the base it names against hf_merged (PEFT methods; full has none)."""
+    import torch
+
     from jp_peft.export import parity
 
-    rundir.read_json(rundir.metrics_file(spec, stage), f"export of {stage}")
+    metrics = rundir.read_json(rundir.metrics_file(spec, stage), f"export of {stage}")
+    method = metrics.get("method", "lora")
     ids = parity.held_out_ids(spec.stage(stage).data.val_ja)
-    check = parity.check("peft_adapter_vs_hf_merged", parity.peft_logits(rundir.hf_adapter(spec, stage), ids),
-                         parity.hf_logits(rundir.hf_merged(spec, stage), ids), parity.FP32_ATOL,
-                         "merge_and_unload adds the same scale*B@A the adapter computes on the fly (fp32)")
-    parity.require([check], f"export of {stage}")
-    print(f"[jp-peft] export {stage}: {check['check']} max |logit diff| {check['max_abs_diff']:.2e}", flush=True)
-    return {"hf_adapter": str(rundir.hf_adapter(spec, stage)), "hf_merged": str(rundir.hf_merged(spec, stage)),
-            "adapter_base": rundir.stage_start_hf(spec, stage), "checks": [check]}
+    merged = parity.hf_logits(rundir.hf_merged(spec, stage), ids)
+    checks = []
+    trained = rundir.trained_logits(spec, stage)
+    if trained.exists():  # written by train since the methods came in
+        checks.append(parity.check("hf_merged_vs_trained", merged, torch.load(trained), parity.FP32_ATOL,
+                                   "the saved model is the trained one (merged in fp32 for PEFT methods)"))
+    if method != "full":
+        checks.append(parity.check("peft_adapter_vs_hf_merged", parity.peft_logits(rundir.hf_adapter(spec, stage), ids),
+                                   merged, parity.FP32_ATOL,
+                                   "merge_and_unload adds the same scale*B@A the adapter computes on the fly (fp32)"))
+    parity.require(checks, f"export of {stage}")
+    for check in checks:
+        print(f"[jp-peft] export {stage}: {check['check']} max |logit diff| {check['max_abs_diff']:.2e}", flush=True)
+    record = {"method": method, "hf_merged": str(rundir.hf_merged(spec, stage)),
+              "adapter_base": rundir.stage_start_hf(spec, stage), "checks": checks}
+    # No adapter under full: the record says so (None), and nothing downstream looks for one.
+    record["hf_adapter"] = str(rundir.hf_adapter(spec, stage)) if method != "full" else None
+    return record

@@ -6,7 +6,10 @@ Per token, with N_frozen the frozen linear weights (all projections and the LM h
   - trainable LoRA weights: full cost, 6*N_lora;
   - attention scores and values: 4*s*h*hd per layer forward (QK^T and AV, no causal discount,
     the convention of PaLM's MFU and Megatron's throughput reports), times 3 for fwd+bwd.
-The embedding lookup is free.
+The embedding lookup is free. Other methods (`method_flops_per_token`):
+  - lora_embed: as lora, but the LM head is trained (6*V*h; tied to the embedding, whose
+    gradient is a scatter-add, free like the lookup);
+  - full: every linear weight trained, 6*N, no LoRA.
 """
 
 from __future__ import annotations
@@ -66,6 +69,20 @@ def lora_flops_per_token(shape: DecoderShape, seq_length: int, rank: int, target
     trainable = 6.0 * shape.lora_params(rank, targets)
     attention = 3.0 * 4.0 * shape.num_layers * seq_length * shape.num_heads * shape.head_dim
     return frozen + trainable + attention
+
+
+def method_flops_per_token(shape: DecoderShape, seq_length: int, method: str, rank: int = 0, targets=()) -> float:
+    """Training FLOPs per token of a stage trained with `method` (spec.METHODS)."""
+    attention = 3.0 * 4.0 * shape.num_layers * seq_length * shape.num_heads * shape.head_dim
+    head = shape.vocab * shape.hidden
+    if method == "full":
+        return 6.0 * shape.frozen_linear_params() + attention
+    lora = lora_flops_per_token(shape, seq_length, rank, targets)
+    if method == "lora_embed":
+        return lora + 2.0 * head  # the head's weight gradient on top of its frozen 4*V*h
+    if method == "lora":
+        return lora
+    raise ValueError(f"method: {method!r} is not one of lora, lora_embed, full")
 
 
 def peak_tflops() -> float | None:
