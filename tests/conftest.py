@@ -65,8 +65,10 @@ FAKE_WANDB_KEY = "fakekey" + __import__("secrets").token_hex(17)
 @pytest.fixture(scope="session")
 def fake_wandb_key() -> str:
     return FAKE_WANDB_KEY
+SMOKE_EVAL_LIMIT = 12  # items per task: enough for the checks, cheap enough for every smoke run in CI
 SMOKE_OVERRIDES = ["cpt.train.max_steps=16", "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=4",
-                   "sft.train.max_steps=10", "sft.train.val_check_interval=5", "sft.train.limit_val_batches=4"]
+                   "sft.train.max_steps=10", "sft.train.val_check_interval=5", "sft.train.limit_val_batches=4",
+                   f"eval.limit={SMOKE_EVAL_LIMIT}"]
 
 
 @pytest.fixture(scope="session")

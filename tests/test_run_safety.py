@@ -112,7 +112,7 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_stops_the_running_stage_saves_and_says_how_to_resume(tmp_path, tiny_base, sig):
-    args = ["--output-dir", str(tmp_path), "--stages", "import,data,cpt,export,eval", "cpt.train.max_steps=60",
+    args = ["--output-dir", str(tmp_path), "--stages", "import,data,cpt,export", "cpt.train.max_steps=60",
             "cpt.train.val_check_interval=30", "cpt.train.ckpt_every_n_steps=50", "--no-wandb"]
     launcher = subprocess.Popen([*EXPERIMENT, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)

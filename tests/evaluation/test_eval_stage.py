@@ -23,6 +23,7 @@ def test_results_hold_every_model_and_task_with_provenance(smoke_run):
 
     run_dir = smoke_run[0]
     results = _read(run_dir / "eval" / "results.json")
+    limit = _read(run_dir / "spec.json")["eval"]["limit"]  # the smoke fixture's eval.limit
     assert (results["tasks_ja"], results["tasks_en"]) == (JA, EN)
     assert list(results["models"]) == ["base", "cpt", "sft"]
     base_dir = _read(run_dir.parent / "smoke" / "import" / "base.json")["base_dir"]
@@ -33,14 +34,14 @@ def test_results_hold_every_model_and_task_with_provenance(smoke_run):
         assert record["adapter"] == str(run_dir / stage / "hf_adapter")  # the other form, recorded
     hashes = {}
     for name, record in results["models"].items():
-        assert record["lm_eval_version"] == lm_eval.__version__ and record["limit"] == 40
+        assert record["lm_eval_version"] == lm_eval.__version__ and record["limit"] == limit
         for task in JA + EN:
             entry = record["tasks"][task]
             assert entry["lang"] == ("ja" if task in JA else "en")
             assert entry["metric"] == "acc" and entry["value"] == entry["metrics"]["acc"]["value"]
             assert entry["stderr"] == entry["metrics"]["acc"]["stderr"] > 0
-            assert (entry["n"], entry["num_fewshot"]) == (40, 0)
-            assert entry["value"] * 40 == pytest.approx(round(entry["value"] * 40))  # a share of 40 items
+            assert (entry["n"], entry["num_fewshot"]) == (limit, 0)
+            assert entry["value"] * limit == pytest.approx(round(entry["value"] * limit))  # a share of the items
             hashes.setdefault(task, set()).add(entry["config_sha256"])
     assert all(len(h) == 1 for h in hashes.values())  # the same task config and data for every model
 
