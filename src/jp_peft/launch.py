@@ -154,8 +154,7 @@ def run_one(task: PlannedTask, executor_for, recipes, base_dir: Path) -> str:
     import signal
 
     from jp_peft.experiment import task_config
-    from jp_peft.run_state import fingerprint
-    from jp_peft.stages import finished_earlier
+    from jp_peft.run_state import finished_earlier, fingerprint
 
     exp = new_experiment(task.name, base_dir, quiet=True)
     watcher = ProgressWatcher(task)

@@ -48,6 +48,14 @@ def fingerprint(spec: ExperimentSpec, stage: str | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def finished_earlier(record: Path, spec_fingerprint: str) -> bool:
+    """Whether a stage's record was written for the spec with this fingerprint (a current result)."""
+    try:
+        return rundir.read_json(record, "record").get("spec_fingerprint") == spec_fingerprint
+    except (rundir.MissingRecord, AttributeError):
+        return False
+
+
 def differences(old: Any, new: Any, path: str = "") -> list[str]:
     """Dotted fields whose values differ, as `field: old -> new`."""
     if isinstance(old, dict) and isinstance(new, dict):

@@ -12,7 +12,7 @@ from pathlib import Path
 from jp_peft import rundir
 from jp_peft.experiment import run_sequence, task_name
 from jp_peft.progress import latest_progress
-from jp_peft.run_state import fingerprint
+from jp_peft.run_state import finished_earlier, fingerprint
 from jp_peft.spec import SHARED_STAGES, TRAINED_STAGES, ExperimentSpec, SpecError, experiment_from_dict
 
 
@@ -44,11 +44,7 @@ def stage_state(spec: ExperimentSpec, stage: str, target: str | None) -> str:
     if record.exists():
         if stage in SHARED_STAGES:  # shared stages are reused by every spec of the group
             return "done"
-        try:
-            current = rundir.read_json(record, "status").get("spec_fingerprint") == fingerprint(spec, stage)
-        except (rundir.MissingRecord, AttributeError):
-            current = False
-        return "done" if current else "stale (another spec)"
+        return "done" if finished_earlier(record, fingerprint(spec, stage)) else "stale (another spec)"
     if stage in TRAINED_STAGES and rundir.train_log(spec, stage).exists():
         return "unfinished"
     return "not started"

@@ -15,7 +15,7 @@ from pathlib import Path
 from jp_peft import rundir
 from jp_peft.backends import stages_of
 from jp_peft.metrics import read_stage_metrics, relative_forgetting, relative_gain
-from jp_peft.run_state import fingerprint
+from jp_peft.run_state import finished_earlier, fingerprint
 from jp_peft.spec import SHARED_STAGES, TRAINED_STAGES, ExperimentSpec, experiment_from_dict
 
 
@@ -188,13 +188,6 @@ def _pt(value: float | None, signed: bool = False) -> str:
 
 
 # --- the task entry point ---------------------------------------------------------------------
-
-def finished_earlier(record: Path, spec_fingerprint: str) -> bool:
-    try:
-        return rundir.read_json(record, "record").get("spec_fingerprint") == spec_fingerprint
-    except (rundir.MissingRecord, AttributeError):
-        return False
-
 
 def run_stage(spec: dict, stage: str, target: str | None = None, recipe=None):
     """Single entry point of every NeMo-Run task, both backends. `recipe` is the built NeMo recipe of
