@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import nemo_run as run
 from nemo.collections import llm
 
-from jp_peft.backends import megatron
+from jp_peft.backends import megatron, megatron_methods
 from jp_peft.experiment import resolve_spec
 from jp_peft.spec import ExperimentSpec, experiment_from_dict, load_preset
 
@@ -51,10 +51,12 @@ def _finetune(exp: ExperimentSpec, stage: str) -> run.Partial:
                                              num_gpus_per_node=exp.cluster.gpus_per_node, peft_scheme="lora")
     # Model: NVIDIA's Qwen2.5-0.5B config; the embedded tiny model's shape where the spec asks for it
     recipe.model.config = megatron.model_config(exp)
-    # PEFT: the spec's LoRA as NeMo's fused LoRA (whole q/k/v and gate/up groups; see lora_mapping)
-    recipe.peft = megatron.peft_config(exp.lora)
-    # Trainer, parallelism, optimiser
+    # Method: the spec's LoRA as NeMo's fused LoRA (whole q/k/v and gate/up groups; see lora_mapping),
+    # plus trainable embeddings and output layer (lora_embed), or no PEFT at all (full)
+    recipe.peft = megatron_methods.peft_config(exp, stage)
+    # Trainer, parallelism, optimiser (lora_embed: the embeddings' own learning rate)
     megatron.apply_training(recipe, exp, exp.stage(stage))
+    megatron_methods.apply_optimizer(recipe, exp, stage)
     # Logging and checkpoints: W&B + TensorBoard, ModelCheckpoint every N steps; throughput, MFU and
     # Japanese/English validation losses from jp-peft's callbacks
     recipe.log = megatron.logger(exp, stage)
@@ -72,10 +74,10 @@ def _devices(recipe: run.Partial, exp: ExperimentSpec, stage: str) -> run.Partia
 
 @run.cli.factory(target=llm.finetune, name=NAME + "_cpt")
 def cpt_lora(spec: Optional[dict] = None) -> run.Partial:
-    """LoRA continual pre-training on the weighted Japanese/English blend.
+    """Continual pre-training (cpt.method: lora, lora_embed or full) on the weighted Japanese/English blend.
 
-    llm.pretrain takes no PEFT, so LoRA CPT goes through llm.finetune with Megatron's
-    PreTrainingDataModule as data."""
+    llm.pretrain takes no PEFT and starts from random weights, so every method goes through
+    llm.finetune (which restores the imported checkpoint) with Megatron's PreTrainingDataModule as data."""
     exp = _spec(spec)
     recipe = _finetune(exp, "cpt")
     # Data: raw-text blend -> PreTrainingDataModule(paths=[w1, prefix1, w2, prefix2])
@@ -85,7 +87,7 @@ def cpt_lora(spec: Optional[dict] = None) -> run.Partial:
 
 @run.cli.factory(target=llm.finetune, name=NAME + "_sft")
 def sft_lora(spec: Optional[dict] = None) -> run.Partial:
-    """LoRA instruction tuning on Japanese chat data, packed, from the merged CPT model when there is one."""
+    """Instruction tuning (sft.method) on Japanese chat data, packed, from the merged CPT model when there is one."""
     exp = _spec(spec)
     recipe = _finetune(exp, "sft")
     # Data: ChatML input/output JSONL -> FineTuningDataModule with packed sequences (unpacked on CPU)

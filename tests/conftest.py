@@ -85,3 +85,16 @@ def smoke_run(tmp_path_factory, tiny_base):
     wall = time.perf_counter() - started
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out / "smoke", proc.stdout, wall
+
+
+# The Megatron CPU tier's shared run (tests/test_megatron_cpu_smoke.py, tests/test_megatron_methods.py).
+@pytest.fixture(scope="session")
+def megatron_run(tmp_path_factory, tiny_base, fake_wandb_key):
+    out = tmp_path_factory.mktemp("megatron_runs")
+    env = {**os.environ, "WANDB_API_KEY": fake_wandb_key, "WANDB_MODE": "offline",
+           "NEMO_HOME": str(tmp_path_factory.mktemp("nemo_home"))}
+    from megatron_tier import MEGATRON_OVERRIDES, megatron_experiment
+
+    proc = megatron_experiment("--output-dir", str(out), *MEGATRON_OVERRIDES, env=env)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    return out / "smoke", proc.stdout, env

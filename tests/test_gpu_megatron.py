@@ -39,7 +39,8 @@ def test_megatron_smoke_on_the_gpu(tmp_path):
     base = json.loads((run / "import" / "base.json").read_text())
     assert [c["check"] for c in base["parity"]] == ["hf_base_vs_nemo_import"] and base["parity"][0]["ok"]
     export = json.loads((run / "cpt" / "export.json").read_text())
-    assert {c["check"] for c in export["checks"]} == {"nemo_merged_vs_hf_merged", "peft_adapter_vs_hf_merged"}
+    assert {c["check"] for c in export["checks"]} == {"trained_vs_nemo_merged", "nemo_merged_vs_hf_merged",
+                                                  "peft_adapter_vs_hf_merged"}
     for check in export["checks"]:
         assert check["ok"] and check["max_abs_diff"] <= check["atol"] and check["argmax_agreement"] == 1.0, check
     assert (run / "cpt" / "model.nemo").stat().st_size > 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,29 +18,12 @@ from pathlib import Path
 import pytest
 
 from jp_peft.metrics import read_stage_metrics
+from megatron_tier import MEGATRON_OVERRIDES, megatron_experiment as _experiment
 
 pytestmark = pytest.mark.megatron_cpu
 REPO = Path(__file__).resolve().parents[1]
-STEPS = {"cpt": 16, "sft": 10}
-OVERRIDES = ["cpt.train.max_steps=16", "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=4",
-             "cpt.train.ckpt_every_n_steps=8", "sft.train.max_steps=10", "sft.train.val_check_interval=5",
-             "sft.train.limit_val_batches=4", "sft.train.ckpt_every_n_steps=5"]
-
-
-def _experiment(*args, env=None, timeout=1200):
-    return subprocess.run([sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "local", "--smoke",
-                           "--backend", "megatron", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=env)
-
-
-@pytest.fixture(scope="module")
-def megatron_run(tmp_path_factory, tiny_base, fake_wandb_key):
-    out = tmp_path_factory.mktemp("megatron_runs")
-    env = {**os.environ, "WANDB_API_KEY": fake_wandb_key, "WANDB_MODE": "offline",
-           "NEMO_HOME": str(tmp_path_factory.mktemp("nemo_home"))}
-    proc = _experiment("--output-dir", str(out), *OVERRIDES, env=env)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    return out / "smoke", proc.stdout, env
+STEPS = {"cpt": 16, "sft": 10}  # megatron_tier.MEGATRON_OVERRIDES: the megatron_run fixture's steps
+OVERRIDES = MEGATRON_OVERRIDES
 
 
 def _rows(run_dir: Path, stage: str) -> list[dict]:
@@ -75,12 +57,13 @@ def test_cpt_lowers_japanese_perplexity(megatron_run):
 
 
 def test_every_model_form_reproduces_the_one_it_came_from(megatron_run):
-    """HF base vs NeMo import; NeMo merged vs exported hf_merged; PEFT adapter on the base it names vs hf_merged."""
+    """HF base vs NeMo import; the stage's checkpoint (base + adapters) vs its NeMo merge; NeMo merged vs
+    exported hf_merged; PEFT adapter on the base it names vs hf_merged."""
     run_dir = megatron_run[0]
     record = json.loads((run_dir / "import" / "base.json").read_text())
     checks = record["parity"] + [c for s in ("cpt", "sft") for c in json.loads((run_dir / s / "export.json").read_text())["checks"]]
-    assert [c["check"] for c in checks] == ["hf_base_vs_nemo_import"] + ["nemo_merged_vs_hf_merged",
-                                                                          "peft_adapter_vs_hf_merged"] * 2
+    assert [c["check"] for c in checks] == ["hf_base_vs_nemo_import"] + [
+        "trained_vs_nemo_merged", "nemo_merged_vs_hf_merged", "peft_adapter_vs_hf_merged"] * 2
     for check in checks:
         assert check["ok"] and check["max_abs_diff"] <= 1e-4 and check["argmax_agreement"] == 1.0, check
 

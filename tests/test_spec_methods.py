@@ -53,12 +53,9 @@ def test_train_shorthand_sets_both_stages_and_fingerprints():
     assert TrainSpec(early_stopping_patience=0).early_stopping_patience == 0
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["cpt.method=full"], r"cpt\.method: 'full' is not implemented on the megatron backend yet"),
-    (["sft.method=lora_embed"], r"sft\.method: 'lora_embed' is not implemented on the megatron backend yet"),
-    (["cpt.train.early_stopping_patience=2"], r"cpt\.train\.early_stopping_patience: early stopping is not implemented"),
-])
-def test_megatron_refuses_what_it_does_not_translate(overrides, field):
-    with pytest.raises(SpecError, match=field):
-        _spec(*overrides, backend="megatron")
-    _spec(*overrides, backend="hf")  # the hf backend takes them
+@pytest.mark.parametrize("overrides", [["cpt.method=full"], ["sft.method=lora_embed", "sft.train.embed_lr=1e-4"],
+                                       ["cpt.train.early_stopping_patience=2"]])
+def test_both_backends_take_every_method(overrides):
+    for backend in ("megatron", "hf"):
+        spec = _spec(*overrides, backend=backend)
+        assert spec.backend == backend

@@ -114,3 +114,9 @@ def downstream_gain(base_avg: float | None, avg: float | None) -> float | None:
 def downstream_forgetting(base_avg: float | None, avg: float | None) -> float | None:
     """English downstream forgetting in points: how far the task average fell below the base model's."""
     return None if base_avg is None or avg is None else base_avg - avg
+
+
+def params_record(trainable: int, total: int, method: str) -> dict:
+    """The trainable-parameter counts a stage logs to W&B's config (both backends: one shape)."""
+    return {"params": {"trainable": trainable, "total": total, "method": method,
+                       "trainable_percent": 100.0 * trainable / total}}

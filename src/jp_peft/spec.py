@@ -27,8 +27,6 @@ PRECISIONS = ("bf16-mixed", "16-mixed", "32", "32-true", "bf16-true")
 # What a trained stage trains: LoRA on the projections (lora); LoRA plus the input embeddings and the
 # output layer, at train.embed_lr (lora_embed); every parameter, no adapter (full).
 METHODS = ("lora", "lora_embed", "full")
-# What the Megatron backend translates so far; the rest is refused at plan time rather than ignored.
-MEGATRON_METHODS = ("lora",)
 
 
 class SpecError(ValueError):
@@ -358,14 +356,6 @@ class ExperimentSpec:
                      f"= {train.micro_batch_size} x {self.cluster.data_parallel_size}")
         if "cpt" in self.stages:
             _require(len(self.cpt.data.blend) > 0, "cpt.data.blend", "the cpt stage needs at least one dataset")
-        if self.backend == "megatron":
-            for stage_name in TRAINED_STAGES:
-                stage = getattr(self, stage_name)
-                _require(stage.method in MEGATRON_METHODS, f"{stage_name}.method",
-                         f"{stage.method!r} is not implemented on the megatron backend yet "
-                         f"(it trains {', '.join(MEGATRON_METHODS)}); use --backend hf")
-                _require(stage.train.early_stopping_patience == 0, f"{stage_name}.train.early_stopping_patience",
-                         "early stopping is not implemented on the megatron backend yet; use --backend hf or set it to 0")
         if self.backend == "megatron" and self.cluster.accelerator == "cpu":
             _require(self.model.tiny, "cluster.accelerator",
                      "the Megatron backend runs on CPU only for the embedded tiny model (--smoke); "

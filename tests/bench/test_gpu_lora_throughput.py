@@ -421,7 +421,8 @@ def test_tiny_run_parity_numbers(tiny_results):
     assert agreement["positions"] == 32 * 64
     assert agreement["max_abs_diff"] <= 1e-4  # fp32 on CPU: summation order only
     assert agreement["top1_agreement"] == 1.0 and 0.0 <= agreement["mean_kl"] <= 1e-9
-    assert {c["check"] for c in parity["export_checks"]} == {"nemo_merged_vs_hf_merged", "peft_adapter_vs_hf_merged"}
+    assert {c["check"] for c in parity["export_checks"]} == {"trained_vs_nemo_merged", "nemo_merged_vs_hf_merged",
+                                                         "peft_adapter_vs_hf_merged"}
     assert all(c["ok"] for c in parity["export_checks"] + parity["import_checks"])
     assert [c["check"] for c in parity["import_checks"]] == ["hf_base_vs_nemo_import"]
     trip = parity["round_trip"]

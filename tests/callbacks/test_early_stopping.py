@@ -30,21 +30,42 @@ def test_rule_stops_at_the_right_step(curve, patience, min_delta, stop_step, bes
     assert rule.best_step == best_step
 
 
+def _validate(callback, trainer, module, step, loss, hook="on_validation_end"):
+    trainer.global_step = step
+    history = module.val_history if hasattr(module, "val_history") else trainer.callbacks[0].history
+    history.append({"trainer/global_step": step, "val/ja_loss": loss, "val/en_loss": 9.0})
+    getattr(callback, hook)(trainer, module, *([None] * 3 if hook == "on_train_batch_end" else []))
+
+
 def test_callback_ends_the_stage_and_says_why_and_survives_a_resume():
     callback = EarlyStopping(patience=2, min_delta=0.0)
     module = SimpleNamespace(val_history=[])
     trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=0)
     for step, loss in [(5, 3.0), (10, 2.0), (15, 2.1)]:
-        trainer.global_step = step
-        module.val_history.append({"trainer/global_step": step, "val/ja_loss": loss, "val/en_loss": 9.0})
-        callback.on_validation_end(trainer, module)
+        _validate(callback, trainer, module, step, loss)
     assert not trainer.should_stop and callback.stopped_at_step is None
-    resumed = EarlyStopping(patience=2)  # a resumed stage keeps counting from the checkpoint
-    resumed.load_state_dict(callback.state_dict())
-    trainer.global_step = 20
-    module.val_history.append({"trainer/global_step": 20, "val/ja_loss": 2.05})
-    resumed.on_validation_end(trainer, module)
+    # a resumed stage restores its validation history (hf: in the checkpoint; Megatron: from train_log.jsonl)
+    # and a fresh callback keeps counting from it
+    resumed = EarlyStopping(patience=2)
+    _validate(resumed, trainer, module, 20, 2.05)
     assert trainer.should_stop and resumed.stopped_at_step == 20
     assert "val/ja_loss" in resumed.stop_reason and "best 2.0000 at step 10" in resumed.stop_reason
     resumed.on_validation_end(trainer, module)  # no new validation: nothing counted twice
     assert resumed.rule.bad == 2 and math.isclose(resumed.rule.best, 2.0)
+
+
+def test_megatron_reads_the_language_validation_history_and_ignores_the_base_row():
+    """On Megatron the rows come from LanguageValidation (listed before this callback), checked after each
+    step; its step-0 row measures the base model and must not count as the stage's first validation."""
+    from jp_peft.callbacks.language_validation import LanguageValidation
+
+    validation = LanguageValidation.__new__(LanguageValidation)
+    validation.history = [{"trainer/global_step": 0, "val/ja_loss": 0.1}]  # a base far better than anything after
+    trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=0, callbacks=[validation])
+    module = SimpleNamespace()
+    callback = EarlyStopping(patience=1, min_delta=0.0)
+    _validate(callback, trainer, module, 4, 3.0, hook="on_train_batch_end")
+    assert not trainer.should_stop  # the first validation is the best so far, whatever the base scored
+    callback.on_train_batch_end(trainer, module, None, None, None)  # the next step, no new row
+    _validate(callback, trainer, module, 8, 3.0, hook="on_train_batch_end")
+    assert trainer.should_stop and callback.stopped_at_step == 8 and "best 3.0000 at step 4" in callback.stop_reason

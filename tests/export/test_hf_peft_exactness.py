@@ -495,3 +495,53 @@ def test_connector_refuses_dora_before_loading_the_checkpoint(monkeypatch, tmp_p
         llm.export_ckpt(path=tmp_path / "ckpt", target="hf-peft", output_path=tmp_path / "out",
                         load_connector=lambda path, target: Qwen2Model.exporter(target, path))
     assert not (tmp_path / "out").exists()
+
+
+# --- lora_embed: the trained embedding and output layer as PEFT modules_to_save ----------------
+
+def test_saved_modules_are_copied_without_vocab_padding_and_a_missing_one_is_refused():
+    from jp_peft.export.hf_peft import saved_modules_to_hf
+
+    g = torch.Generator().manual_seed(1)
+    embed, head = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)  # 8 rows: 6 tokens + 2 padding
+    state = {"module.embedding.word_embeddings.weight": embed, "module.output_layer.weight": head,
+             "module.decoder.layers.0.self_attention.linear_qkv.weight": torch.zeros(2, 2)}
+    out = saved_modules_to_hf(state, vocab_size=6)
+    assert sorted(out) == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
+    assert torch.equal(out["base_model.model.model.embed_tokens.weight"], embed[:6])
+    assert torch.equal(out["base_model.model.lm_head.weight"], head[:6])
+    del state["module.output_layer.weight"]
+    with pytest.raises(AdapterExportError, match="lm_head"):
+        saved_modules_to_hf(state, vocab_size=6)
+    with pytest.raises(AdapterExportError, match="fewer than the vocabulary"):
+        saved_modules_to_hf({"embedding.word_embeddings.weight": embed, "output_layer.weight": head}, vocab_size=9)
+
+
+def test_peft_loads_saved_modules_apart_from_a_tied_base(tmp_path):
+    """The NeMo side trains embedding and output layer apart (its importer unties them): an adapter with
+    both as modules_to_save reproduces that on a base whose config ties them (as Qwen2.5-0.5B's does)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from jp_peft.export.hf_peft import saved_modules_to_hf
+
+    tiny_qwen2 = tmp_path / "tied"
+    Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=True)).save_pretrained(tiny_qwen2)
+    heads, groups, hidden, ffn, layers, rank = 4, 2, 64, 128, 2, 4
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    assert base.get_input_embeddings().weight is base.get_output_embeddings().weight
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(2)
+    embed, head = torch.randn(vocab, hidden, generator=g) * 0.02, torch.randn(vocab, hidden, generator=g) * 0.02
+    mt = megatron_adapters(layers=layers, hidden=hidden, heads=heads, groups=groups, head_dim=hidden // heads, ffn=ffn,
+                           rank=rank, canonical=False)
+    saved = saved_modules_to_hf({"module.embedding.word_embeddings.weight": embed, "module.output_layer.weight": head},
+                                vocab)
+    out = export_adapter(mt, tmp_path / "adapter", peft_class="LoRAWithEmbeddings", dim=rank, alpha=8, dropout=0.0,
+                         dropout_position="pre", num_attention_heads=heads, num_query_groups=groups,
+                         head_dim=hidden // heads, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                         base_model_name_or_path=str(tiny_qwen2), saved_modules=saved)
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
+    model = PeftModel.from_pretrained(base, out).merge_and_unload()
+    assert torch.equal(model.get_input_embeddings().weight, embed)
+    assert torch.equal(model.get_output_embeddings().weight, head)

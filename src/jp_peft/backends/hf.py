@@ -24,7 +24,7 @@ from jp_peft.backends import hf_methods
 from jp_peft.backends.hf_data import BlendedBlocks, SFTDataset, packed_attention_mask
 from jp_peft.data.blocks import EvalBlocks
 from jp_peft.interrupt import StageInterrupted
-from jp_peft.metrics import StageMetrics
+from jp_peft.metrics import StageMetrics, params_record
 from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
 
 lora_config = hf_methods.lora_config  # the name callers (tests, bench) know
@@ -233,8 +233,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     trainable, total = hf_methods.count_params(module.model)
 
     for logger in loggers:
-        logger.log_hyperparams({"params": {"trainable": trainable, "total": total, "method": stage_spec.method,
-                                           "trainable_percent": 100.0 * trainable / total}})
+        logger.log_hyperparams(params_record(trainable, total, stage_spec.method))
     ckpt_dir = stage_dir / "checkpoints"
     resume_from = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else None
     if resume_from is None:  # the base's own perplexities, before any training of this stage

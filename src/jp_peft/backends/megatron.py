@@ -14,8 +14,7 @@ import nemo_run as run
 
 from jp_peft import rundir
 from jp_peft.data.blend import nemo_blend_paths
-from jp_peft.lora_mapping import nemo_peft_kwargs
-from jp_peft.spec import ExperimentSpec, LoraSpec, StageSpec
+from jp_peft.spec import ExperimentSpec, StageSpec
 
 
 def nemo_home() -> Path:
@@ -92,13 +91,6 @@ def use_cpu(recipe: run.Partial, spec: ExperimentSpec, stage: str) -> None:
         recipe.data.micro_batch_size = spec.sft.train.micro_batch_size
 
 
-def peft_config(lora: LoraSpec) -> run.Config:
-    from nemo.collections import llm
-
-    class_name, kwargs = nemo_peft_kwargs(lora)
-    return run.Config(getattr(llm.peft, class_name), **kwargs)
-
-
 def apply_training(recipe: run.Partial, spec: ExperimentSpec, stage: StageSpec) -> None:
     """Trainer, strategy and optimiser fields of a composed finetune recipe, from the spec."""
     train, cluster = stage.train, spec.cluster
@@ -145,29 +137,39 @@ def tokenizer(spec: ExperimentSpec) -> run.Config:
 
 
 def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
-    """jp-peft's per-step metrics (throughput, MFU, progress) and per-language validation, and NeMo's
-    PreemptionCallback: SIGTERM (Slurm preemption, scancel, Ctrl-C at the launcher) saves the last
-    checkpoint at the end of the current step and stops, so the same command resumes."""
+    """jp-peft's per-step metrics (throughput, MFU, progress) and per-language validation, the method's
+    callbacks (embed_lr, early stopping), and NeMo's PreemptionCallback: SIGTERM (Slurm preemption, scancel,
+    Ctrl-C at the launcher) saves the last checkpoint at the end of the current step and stops, so the same
+    command resumes."""
     from nemo.lightning.pytorch.callbacks import PreemptionCallback
 
-    from jp_peft.callbacks.flops import QWEN25_05B, lora_flops_per_token, shape_of_hf_dict
+    from jp_peft.backends.megatron_methods import embed_lr_ratio
+    from jp_peft.callbacks.early_stopping import EarlyStopping
+    from jp_peft.callbacks.embed_lr import EmbedLearningRate
+    from jp_peft.callbacks.flops import QWEN25_05B, method_flops_per_token, shape_of_hf_dict
     from jp_peft.callbacks.language_validation import LanguageValidation
     from jp_peft.callbacks.step_seed import StepSeed
     from jp_peft.callbacks.step_metrics import MegatronStepMetrics
 
-    data, train = spec.stage(stage).data, spec.stage(stage).train
+    stage_spec = spec.stage(stage)
+    data, train = stage_spec.data, stage_spec.train
     shape = shape_of_hf_dict(_tiny_hf_config()) if spec.model.tiny else QWEN25_05B
-    flops = lora_flops_per_token(shape, data.seq_length, spec.lora.rank, spec.lora.target_modules)
+    flops = method_flops_per_token(shape, data.seq_length, stage_spec.method, spec.lora.rank, spec.lora.target_modules)
     log = str(rundir.train_log(spec, stage))
+    ratio = embed_lr_ratio(spec, stage)
     return [
         run.Config(StepSeed, seed=train.seed),
+        *([run.Config(EmbedLearningRate, ratio=ratio)] if ratio is not None else []),
         run.Config(MegatronStepMetrics, log_path=log, tokens_per_step=train.global_batch_size * data.seq_length,
-                   flops_per_token=flops, stage=stage),
+                   flops_per_token=flops, stage=stage, method=stage_spec.method),
         run.Config(LanguageValidation, prefixes={"ja": data.val_ja, "en": data.val_en}, seq_length=data.seq_length,
                    max_blocks=train.limit_val_batches * train.micro_batch_size,
                    every_n_steps=train.val_check_interval, log_path=log,
                    baseline_path=str(rundir.val_baseline(spec, stage)),
                    checkpoint_dir=str(rundir.checkpoints(spec, stage))),
+        # after LanguageValidation: it reads the row that callback wrote at the same step
+        *([run.Config(EarlyStopping, patience=train.early_stopping_patience, min_delta=train.early_stopping_min_delta)]
+          if train.early_stopping_patience else []),
         # last: it saves and exits the process at the end of a step, after the rows above are written
         run.Config(PreemptionCallback),
     ]

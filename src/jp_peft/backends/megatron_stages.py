@@ -86,8 +86,8 @@ def _vocab_size(hf_dir: str) -> int:
 
 def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
     """Run the composed NeMo recipe (llm.finetune, built by NeMo-Run), then write its metrics record."""
+    from jp_peft.callbacks.early_stopping import EarlyStopping
     from jp_peft.callbacks.language_validation import LanguageValidation
-
     from jp_peft.callbacks.wandb_run import wandb_mode
 
     prepare_process(spec)
@@ -113,7 +113,9 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
         if trainer.global_step >= max_steps:
             raise
     wall = time.perf_counter() - started
-    if trainer.global_step < max_steps:
+    stopper = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)), None)
+    stopped_early = stopper is not None and stopper.stopped_at_step == trainer.global_step
+    if trainer.global_step < max_steps and not stopped_early:
         raise StageInterrupted(stage, trainer.global_step, max_steps, rundir.checkpoints(spec, stage))
     validation = next(cb for cb in trainer.callbacks if isinstance(cb, LanguageValidation))
     rows = [json.loads(line) for line in rundir.train_log(spec, stage).read_text(encoding="utf-8").splitlines()
@@ -131,7 +133,9 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
         tokens_per_second=tokens / step_time if step_time else 0.0, consumed_tokens=steps[-1]["perf/consumed_tokens"],
         trainable_params=trainable, total_params=frozen + trainable, wall_seconds=wall,
         precision=spec.stage(stage).train.precision, resumed_from=str(resumed) if resumed else None,
-        val_history=validation.history,
+        val_history=validation.history, method=spec.stage(stage).method,
+        early_stopped_at_step=stopper.stopped_at_step if stopped_early else None,
+        stop_reason=stopper.stop_reason if stopped_early else None,
         extra={"nemo_start": str(start_nemo), "last_checkpoint": str(last_checkpoint(rundir.checkpoints(spec, stage)))})
 
 
@@ -158,44 +162,63 @@ def last_checkpoint(ckpt_dir: Path, missing_ok: bool = False) -> Path | None:
 # --- export -----------------------------------------------------------------------------------
 
 def export(spec: ExperimentSpec, stage: str) -> dict:
-    """The trained stage's last LoRA checkpoint -> hf_adapter, nemo_merged -> hf_merged and model.nemo,
-    each checked against the model it came from."""
+    """The trained stage's last checkpoint -> what its method exports, each form checked against the model
+    it came from: lora and lora_embed give hf_adapter (lora_embed's with the embeddings and output layer as
+    modules_to_save), and all methods nemo_merged -> hf_merged and model.nemo (full: the whole trained model,
+    weights only). backends/megatron_methods.py says what happens to tied embeddings."""
+    import shutil
+
     from nemo.collections import llm
 
     from jp_peft.export import parity
     from jp_peft.export.hf_peft import register_qwen2_hf_peft_exporter
-    from jp_peft.export.megatron import merge_lora
+    from jp_peft.export.megatron import merge_lora, save_whole_model
     from jp_peft.export.nemo_archive import write_nemo_archive
 
     prepare_process(spec)
+    method = spec.stage(stage).method
     ckpt = last_checkpoint(rundir.checkpoints(spec, stage))
     start_hf = rundir.stage_start_hf(spec, stage)
-    register_qwen2_hf_peft_exporter()
-    # The adapter names the model this stage trained on: the base, or for SFT the merged CPT model.
-    llm.export_ckpt(path=ckpt, target="hf-peft", output_path=rundir.hf_adapter(spec, stage), overwrite=True,
-                    base_model_name_or_path=start_hf)
     merged = rundir.nemo_merged(spec, stage)
     precision = spec.stage(stage).train.precision
+    fp32 = not precision.startswith(("bf16", "16"))
+    adapter = rundir.hf_adapter(spec, stage) if method != "full" else None
+    if adapter is not None:
+        register_qwen2_hf_peft_exporter()
+        # The adapter names the model this stage trained on: the base, or for SFT the merged CPT model.
+        llm.export_ckpt(path=ckpt, target="hf-peft", output_path=adapter, overwrite=True,
+                        base_model_name_or_path=start_hf)
+    else:  # a full stage has no adapter: none of an earlier run may stay behind to be taken for this one's
+        shutil.rmtree(rundir.hf_adapter(spec, stage), ignore_errors=True)
     with nemo_tokenizer_lock():
-        merge_lora(ckpt, merged, fp32=not precision.startswith(("bf16", "16")))
+        if method == "full":
+            save_whole_model(ckpt, merged)
+        else:
+            merge_lora(ckpt, merged, fp32=fp32)
     llm.export_ckpt(path=merged, target="hf", output_path=rundir.hf_merged(spec, stage), overwrite=True)
     archive = write_nemo_archive(merged, rundir.nemo_archive(spec, stage))
 
     ids = parity.held_out_ids(spec.stage(stage).data.val_ja)
     hf_merged = parity.hf_logits(rundir.hf_merged(spec, stage), ids)
-    reason = ("fp32 merge and fp32 forward: summation order only" if not precision.startswith(("bf16", "16"))
-              else "merge_lora rounds merged weights to bf16 (nemo/collections/llm/peft/api.py:104,126)")
-    atol = parity.FP32_ATOL if not precision.startswith(("bf16", "16")) else 5e-2
+    nemo_merged = parity.nemo_logits(merged, ids)
+    rounded = "merge rounds merged weights to bf16 (nemo/collections/llm/peft/api.py:104,126)"
+    atol = parity.FP32_ATOL if fp32 else 5e-2
     checks = [
-        parity.check("nemo_merged_vs_hf_merged", parity.nemo_logits(merged, ids), hf_merged, parity.FP32_ATOL,
+        parity.check("trained_vs_nemo_merged", parity.nemo_logits(ckpt, ids), nemo_merged,
+                     parity.FP32_ATOL if fp32 or method == "full" else atol,
+                     "the stage's own checkpoint as trained against its merged export: "
+                     + ("the same weights (full)" if method == "full" else "fp32 merge: summation order only" if fp32
+                        else rounded)),
+        parity.check("nemo_merged_vs_hf_merged", nemo_merged, hf_merged, parity.FP32_ATOL,
                      "the same merged weights through Megatron and Hugging Face forwards"),
-        parity.check("peft_adapter_vs_hf_merged", parity.peft_logits(rundir.hf_adapter(spec, stage), ids), hf_merged,
-                     atol, reason),
     ]
+    if adapter is not None:
+        checks.append(parity.check("peft_adapter_vs_hf_merged", parity.peft_logits(adapter, ids), hf_merged, atol,
+                                   "fp32 merge and fp32 forward: summation order only" if fp32 else rounded))
     parity.require(checks, f"export of {stage}")
     for c in checks:
         print(f"[jp-peft] export {stage}: {c['check']} max |logit diff| {c['max_abs_diff']:.2e} (<= {c['atol']:.0e})",
               flush=True)
-    return {"checkpoint": str(ckpt), "hf_adapter": str(rundir.hf_adapter(spec, stage)),
+    return {"checkpoint": str(ckpt), "method": method, "hf_adapter": str(adapter) if adapter else None,
             "hf_merged": str(rundir.hf_merged(spec, stage)), "nemo_merged": str(merged), "nemo": archive,
-            "adapter_base": start_hf, "checks": checks}
+            "adapter_base": start_hf if adapter else None, "checks": checks}

@@ -41,29 +41,45 @@ class PatienceRule:
 
 
 class EarlyStopping(pl.Callback):
-    """Watches the module's `val_history` rows; its state travels in checkpoints so a resumed stage keeps counting."""
+    """Watches the per-language validation rows of the stage: the hf module's `val_history`, or on the Megatron
+    backend the LanguageValidation callback's `history` (list this callback after it). The rule is replayed
+    over the whole history at each check; both backends restore that history on resume, so a resumed stage
+    keeps counting where it stopped without state of its own. The step-0 row (the base model, measured
+    before training) is not a validation of this stage."""
 
     def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
         self.rule = PatienceRule(patience, min_delta)
         self.stopped_at_step: int | None = None
         self.stop_reason: str | None = None
-        self._seen = 0
+        self._seen = -1
 
-    def on_validation_end(self, trainer, pl_module):
-        history = getattr(pl_module, "val_history", [])
-        if trainer.sanity_checking or len(history) <= self._seen:
+    @staticmethod
+    def history(trainer, pl_module) -> list[dict]:
+        if hasattr(pl_module, "val_history"):
+            return pl_module.val_history
+        from jp_peft.callbacks.language_validation import LanguageValidation
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, LanguageValidation):
+                return callback.history
+        raise RuntimeError("early stopping: no validation history (neither the module's val_history nor a "
+                           "LanguageValidation callback)")
+
+    def check(self, trainer, pl_module) -> None:
+        rows = [r for r in self.history(trainer, pl_module) if MONITOR in r and r["trainer/global_step"] > 0]
+        if trainer.sanity_checking or not rows or rows[-1]["trainer/global_step"] == self._seen:
             return
-        self._seen = len(history)
-        row = history[-1]
-        if MONITOR in row and self.rule.update(row["trainer/global_step"], row[MONITOR]):
+        self._seen = rows[-1]["trainer/global_step"]
+        self.rule = PatienceRule(self.patience, self.min_delta)
+        stop = [self.rule.update(r["trainer/global_step"], r[MONITOR]) for r in rows][-1]
+        if stop and self.stopped_at_step is None:
             self.stopped_at_step, self.stop_reason = trainer.global_step, self.rule.reason()
             trainer.should_stop = True
             print(f"[jp-peft] early stopping at step {self.stopped_at_step}: {self.stop_reason}", flush=True)
 
-    def state_dict(self):
-        return {"best": self.rule.best, "best_step": self.rule.best_step, "bad": self.rule.bad,
-                "stopped_at_step": self.stopped_at_step, "stop_reason": self.stop_reason}
+    def on_validation_end(self, trainer, pl_module):  # the hf backend validates in Lightning's loop
+        self.check(trainer, pl_module)
 
-    def load_state_dict(self, state):
-        self.rule.best, self.rule.best_step, self.rule.bad = state["best"], state["best_step"], state["bad"]
-        self.stopped_at_step, self.stop_reason = state.get("stopped_at_step"), state.get("stop_reason")
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # Megatron: LanguageValidation
+        self.check(trainer, pl_module)

@@ -103,17 +103,29 @@ class MegatronStepMetrics(pl.Callback):
     train_log.jsonl (a resumed run drops the rows after its checkpoint, as StepMetrics does) and
     prints one progress line per step."""
 
-    def __init__(self, log_path: str, tokens_per_step: int, flops_per_token: float, stage: str = "train"):
+    def __init__(self, log_path: str, tokens_per_step: int, flops_per_token: float, stage: str = "train",
+                 method: str = "lora"):
         self.log_path = Path(log_path)
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
-        self.stage = stage
+        self.stage, self.method = stage, method
         self.peak = peak_tflops()
         self.started = None
         self.step_seconds: list[float] = []
 
+    def on_train_start(self, trainer, pl_module):
+        # what this stage's method trains, as the hf backend logs it (after NeMo's PEFT transform froze the rest)
+        from jp_peft.metrics import params_record
+
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in pl_module.parameters())
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params_record(trainable, total, self.method))
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.started = time.perf_counter()
+        # the rates this step trains at: NeMo's scheduler moves them on inside the step (after the optimizer)
+        self.step_lrs = (_lr_of(trainer), _lr_of(trainer, decoupled=True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.started is None:
@@ -126,12 +138,14 @@ class MegatronStepMetrics(pl.Callback):
         self.step_seconds.append(seconds)
         tflops = self.flops_per_token * self.tokens_per_step / seconds / 1e12
         row = {"trainer/global_step": trainer.global_step, "train/loss": _loss_of(outputs, trainer),
-               "train/lr": _lr_of(trainer), "perf/step_time_s": seconds,
+               "train/lr": self.step_lrs[0], "perf/step_time_s": seconds,
                "perf/tokens_per_s": self.tokens_per_step / seconds,
                "perf/consumed_tokens": trainer.global_step * self.tokens_per_step,
                "perf/peak_memory_mb": peak_memory_mb(), "perf/tflops_per_s": tflops}
         if self.peak:
             row["perf/mfu"] = tflops / self.peak
+        if self.step_lrs[1] is not None:
+            row["train/lr_embed"] = self.step_lrs[1]
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "trainer/global_step"}, step=trainer.global_step)
         if trainer.global_rank == 0:
@@ -158,8 +172,11 @@ def _loss_of(outputs, trainer) -> float | None:
     return float(value) if value is not None else None
 
 
-def _lr_of(trainer) -> float | None:
+def _lr_of(trainer, decoupled: bool = False) -> float | None:
+    """The learning rate of the step: of the main groups, or (decoupled=True) of the groups Megatron keeps
+    apart for the embeddings and output layer under lora_embed's embed_lr (None when there are none)."""
     try:
-        return float(trainer.optimizers[0].param_groups[0]["lr"])
+        groups = [g for g in trainer.optimizers[0].param_groups if bool(g.get("is_decoupled_lr")) == decoupled]
+        return float(groups[0]["lr"]) if groups else None
     except (IndexError, KeyError, AttributeError, TypeError):
         return None

@@ -32,7 +32,14 @@ from pathlib import Path
 import torch
 
 HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_TYPES = {"LoRA": "lora", "CanonicalLoRA": "canonical_lora"}  # NeMo class -> adapter_type
+# NeMo class -> adapter_type; the *WithEmbeddings ones (backends/megatron_methods.py, method lora_embed) also
+# trained the embeddings and output layer, which export as PEFT modules_to_save
+ADAPTER_TYPES = {"LoRA": "lora", "CanonicalLoRA": "canonical_lora", "LoRAWithEmbeddings": "lora",
+                 "CanonicalLoRAWithEmbeddings": "canonical_lora"}
+# Megatron's embedding / output layer -> the PEFT adapter tensor of that module in modules_to_save
+# (PEFT's own names: base_model.model.<module path>.weight, as PeftModel.save_pretrained writes them)
+SAVED_MODULES = {"embedding.word_embeddings.weight": ("embed_tokens", "base_model.model.model.embed_tokens.weight"),
+                 "output_layer.weight": ("lm_head", "base_model.model.lm_head.weight")}
 CANONICAL_QKV_LAYOUTS = ("concatenated", "interleaved")
 
 # A NeMo adapter tensor as the model's state_dict() names it, after any "module."/"model." wrapper
@@ -252,8 +259,25 @@ def hf_rank_pattern(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, in
     return {proj: r for proj, (r,) in sorted(ranks.items()) if r != rank}
 
 
+def saved_modules_to_hf(state_dict: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """lora_embed's trained embedding and output layer (names as in the model's state_dict) -> PEFT
+    modules_to_save tensors, without the rows Megatron pads the vocabulary with."""
+    out = {}
+    for name, value in state_dict.items():
+        for megatron_name, (_, hf_name) in SAVED_MODULES.items():
+            if name == megatron_name or name.endswith("." + megatron_name):
+                if value.shape[0] < vocab_size:
+                    raise AdapterExportError(f"{name}: {value.shape[0]} rows, fewer than the vocabulary's {vocab_size}")
+                out[hf_name] = _own(value[:vocab_size])
+    missing = [hf for _, hf in SAVED_MODULES.values() if hf not in out]
+    if missing:
+        raise AdapterExportError(f"a lora_embed checkpoint without {missing}: the embeddings/output layer it trained "
+                                 "are not in the model")
+    return out
+
+
 def hf_adapter_config(*, rank: int, alpha, dropout: float, target_modules_hf, base_model_name_or_path: str,
-                      rank_pattern: dict[str, int] | None = None) -> dict:
+                      rank_pattern: dict[str, int] | None = None, modules_to_save: list[str] | None = None) -> dict:
     """adapter_config.json content for PEFT's LoraConfig. The scale is alpha/rank everywhere, as in
     NeMo: a module in rank_pattern gets its alpha multiplied by the same factor as its rank."""
     targets = list(target_modules_hf)
@@ -267,7 +291,7 @@ def hf_adapter_config(*, rank: int, alpha, dropout: float, target_modules_hf, ba
             "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets),
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-            "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+            "init_lora_weights": True, "modules_to_save": modules_to_save or None, "layers_to_transform": None,
             "inference_mode": True}
 
 
@@ -303,8 +327,10 @@ def export_adapter(state_dict: dict[str, torch.Tensor], out_dir: str | Path, *, 
                    dropout: float, dropout_position: str, num_attention_heads: int, num_query_groups: int,
                    head_dim: int, base_model_name_or_path: str, num_layers: int | None = None,
                    hidden_size: int | None = None, ffn_hidden_size: int | None = None,
-                   canonical_qkv_layout: str = "concatenated") -> Path:
-    """Settings check, tensor mapping, config and atomic write: what the NeMo connector does."""
+                   canonical_qkv_layout: str = "concatenated",
+                   saved_modules: dict[str, torch.Tensor] | None = None) -> Path:
+    """Settings check, tensor mapping, config and atomic write: what the NeMo connector does.
+    saved_modules: PEFT modules_to_save tensors (saved_modules_to_hf), written beside the LoRA ones."""
     s = adapter_settings(peft_class, dim=dim, alpha=alpha, dropout=dropout, dropout_position=dropout_position)
     tensors = megatron_lora_to_hf_peft(state_dict, num_attention_heads=num_attention_heads,
                                        num_query_groups=num_query_groups, head_dim=head_dim,
@@ -313,8 +339,9 @@ def export_adapter(state_dict: dict[str, torch.Tensor], out_dir: str | Path, *, 
     config = hf_adapter_config(rank=s["rank"], alpha=s["alpha"], dropout=s["dropout"],
                                target_modules_hf=hf_target_modules(tensors, num_layers),
                                base_model_name_or_path=base_model_name_or_path,
-                               rank_pattern=hf_rank_pattern(tensors, s["rank"]))
-    return write_hf_peft_adapter(out_dir, tensors, config)
+                               rank_pattern=hf_rank_pattern(tensors, s["rank"]),
+                               modules_to_save=[m for _, (m, hf) in SAVED_MODULES.items() if hf in (saved_modules or {})])
+    return write_hf_peft_adapter(out_dir, {**tensors, **(saved_modules or {})}, config)
 
 
 _EXPORTER = None
@@ -346,9 +373,16 @@ def register_qwen2_hf_peft_exporter():
                             alpha=getattr(peft, "alpha", None), dropout=getattr(peft, "dropout", 0.0),
                             dropout_position=getattr(peft, "dropout_position", "pre"))
             adapter_settings(**settings)  # DoRA, unknown types, post-dropout: fail before the slow load
-            source, _ = self.nemo_load(str(self))  # base + adapters, on CPU
+            source, trainer = self.nemo_load(str(self))  # the adapters (not the base), on CPU
             cfg = source.config
-            adapters = {k: v for k, v in source.state_dict().items() if ".adapter." in k}
+            with_embeddings = type(peft).__name__.endswith("WithEmbeddings")
+            if with_embeddings:  # lora_embed: NeMo's loader reads `.adapter.` tensors only
+                from jp_peft.export.megatron import load_trained_embeddings
+
+                load_trained_embeddings(Path(str(self)), trainer)
+            state = source.state_dict()
+            adapters = {k: v for k, v in state.items() if ".adapter." in k}
+            saved = saved_modules_to_hf(state, cfg.vocab_size) if with_embeddings else None
             # A NeMo whose split-QKV wrapper interleaves q/k/v per group makes them one to one.
             layout = "interleaved" if hasattr(LoRALinearSplitQKV, "_interleave_qkv") else "concatenated"
             return export_adapter(
@@ -358,7 +392,7 @@ def register_qwen2_hf_peft_exporter():
                 head_dim=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
                 num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
                 base_model_name_or_path=base_model_name_or_path or self.base_model_name(),
-                canonical_qkv_layout=layout)
+                canonical_qkv_layout=layout, saved_modules=saved)
 
         def base_model_name(self) -> str:
             """NeMo's own guess (as in its Llama exporter): the base was imported to

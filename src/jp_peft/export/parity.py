@@ -49,10 +49,11 @@ def peft_logits(adapter_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def nemo_logits(checkpoint: str | Path, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a NeMo 2 checkpoint through its Megatron forward, loaded on CPU as NeMo's exporters load it."""
-    from nemo.collections.llm.gpt.model.qwen2 import HFQwen2Exporter
+    """Logits of a NeMo 2 checkpoint (a stage's own checkpoint, as trained, or a merged/imported model)
+    through its Megatron forward, loaded on CPU as NeMo's exporters load it."""
+    from jp_peft.export.megatron import load_trained_model
 
-    model, _ = HFQwen2Exporter(str(checkpoint)).nemo_load(str(checkpoint), cpu=True)
+    model, _ = load_trained_model(Path(checkpoint))
     model.eval()
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     return model.forward(input_ids=ids, position_ids=positions, attention_mask=None).float()
