@@ -13,4 +13,3 @@ def flops_per_token_fn(model, stage_spec) -> float:
     rank, targets = (lora.r, sorted(lora.target_modules)) if lora is not None else (0, ())
     return method_flops_per_token(shape_of_hf_config(config), stage_spec.data.seq_length,
                                   getattr(stage_spec, "method", "lora"), rank, targets)
-
