@@ -1,5 +1,6 @@
 """The command lines answer fast, explain themselves, and refuse what cannot run here clearly."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,32 @@ def test_stage_export_without_target_exits_2_naming_it(tmp_path):
     spec.write_text("{}")
     proc, _ = _timed([sys.executable, "-m", "jp_peft.cli", "stage", "export", "--spec", str(spec)])
     assert proc.returncode == 2 and "--target" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stage_command_refuses_a_bad_spec_or_eval_tasks_in_one_line(tmp_path):
+    """`jp-peft stage` is also run by hand: a missing or broken spec file, a spec field out of range and an eval
+    stage whose tasks cannot run all exit 2 with the file or field named, before any model loads."""
+    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import load_preset
+
+    stage = [sys.executable, "-m", "jp_peft.cli", "stage"]
+    proc, _ = _timed([*stage, "cpt", "--spec", str(tmp_path / "absent.json")])
+    assert proc.returncode == 2 and "absent.json" in proc.stderr and "Traceback" not in proc.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"name": "x",\n  oops}')
+    proc, _ = _timed([*stage, "cpt", "--spec", str(broken)])
+    assert proc.returncode == 2 and "broken.json:2: not JSON" in proc.stderr and "Traceback" not in proc.stderr
+    values = load_preset(REPO / "recipes/configs/smoke.yaml")
+    spec = resolve_spec(values, [f"output_dir={tmp_path}", "eval.tasks_ja=[jpeft_jcqa,jcqa_typo]"]).to_dict()
+    good = tmp_path / "spec.json"
+    good.write_text(json.dumps(spec))
+    proc, _ = _timed([*stage, "eval", "--spec", str(good)])
+    assert proc.returncode == 2 and "eval.tasks_ja: unknown task 'jcqa_typo'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    spec["cpt"]["train"]["lr"] = -1
+    good.write_text(json.dumps(spec))
+    proc, _ = _timed([*stage, "cpt", "--spec", str(good)])
+    assert proc.returncode == 2 and "cpt.train.lr" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_dryrun_prints_every_task_of_a_sweep_and_runs_nothing(tmp_path):

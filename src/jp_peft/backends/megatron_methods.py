@@ -54,7 +54,7 @@ def _holds_embedding(model) -> bool:
 
     try:
         return parallel_state.is_pipeline_first_stage()
-    except AssertionError:  # model parallel not initialised (a single process): it holds everything
+    except (AssertionError, RuntimeError, ValueError):  # model parallel not initialised: one process holds all
         return True
 
 
