@@ -119,28 +119,18 @@ def cmd_stage(args) -> int:
     import fiddle as fdl
 
     from jp_peft.experiment import PlannedTask, task_config
-    from jp_peft.spec import SpecError, experiment_from_dict
+    from jp_peft.spec import SpecError, read_spec_file
 
     # What the launcher checks before it starts a stage, checked here too: this command is also run by hand
     try:
-        spec = experiment_from_dict(json.loads(open(args.spec, encoding="utf-8").read()))
-    except OSError as exc:
-        print(f"error: --spec {args.spec}: {exc.strerror}", file=sys.stderr)
-        return 2
-    except json.JSONDecodeError as exc:
-        print(f"error: --spec {args.spec}:{exc.lineno}: not JSON ({exc.msg})", file=sys.stderr)
-        return 2
-    except SpecError as exc:
-        print(f"error: --spec {args.spec}: {exc}", file=sys.stderr)
-        return 2
-    if args.stage == "eval":
-        from jp_peft.evaluation.suite import suite_problems
+        spec = read_spec_file(args.spec)
+        if args.stage == "eval":
+            from jp_peft.launch import check_eval_tasks
 
-        problems = suite_problems(spec)
-        for line in problems:
-            print(f"error: {line}", file=sys.stderr)
-        if problems:
-            return 2
+            check_eval_tasks([spec], dryrun=False)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     recipes = None
     if spec.backend == "megatron":
         from recipes import qwen25_500m_ja as recipes

@@ -13,17 +13,14 @@ from jp_peft import rundir
 from jp_peft.experiment import run_sequence, task_name
 from jp_peft.progress import latest_progress
 from jp_peft.run_state import finished_earlier, fingerprint
-from jp_peft.spec import SHARED_STAGES, TRAINED_STAGES, ExperimentSpec, SpecError, experiment_from_dict
+from jp_peft.spec import SHARED_STAGES, TRAINED_STAGES, ExperimentSpec, SpecError, read_spec_file
 
 
 def load_run(run_dir: Path) -> ExperimentSpec:
     path = rundir.spec_file_of(run_dir)
-    try:
-        return experiment_from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise SpecError(f"{run_dir}: not a jp-peft run directory (no spec.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
-        raise SpecError(f"{path}: unreadable ({exc})") from None
+    if not path.is_file():
+        raise SpecError(f"{run_dir}: not a jp-peft run directory (no spec.json)")
+    return read_spec_file(path)
 
 
 def held_by(run_dir: Path) -> str | None:

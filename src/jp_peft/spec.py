@@ -610,3 +610,25 @@ def load_blend(path: str | os.PathLike, field: str = "data.blend") -> list[dict[
 
 def experiment_from_dict(values: dict[str, Any]) -> ExperimentSpec:
     return build(ExperimentSpec, values)
+
+
+def read_spec_file(path: str | os.PathLike) -> ExperimentSpec:
+    """A resolved spec written as JSON (a run's spec.json, `jp-peft stage --spec`). Anything that keeps it
+    from being one is a SpecError naming the file (and the line, or the field)."""
+    import json
+
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"{path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    try:
+        return experiment_from_dict(values)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:  # not a spec's shape (e.g. a list)
+        raise SpecError(f"{path}: not a jp-peft spec ({exc})") from None

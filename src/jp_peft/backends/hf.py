@@ -27,8 +27,6 @@ from jp_peft.interrupt import StageInterrupted
 from jp_peft.metrics import StageMetrics, params_record
 from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
 
-lora_config = hf_methods.lora_config  # the name callers (tests, bench) know
-
 
 def resolve_precision(requested: str) -> str:
     """bf16 only where the hardware has it; CPUs train in fp32 (bf16 autocast there is slower, not faster)."""
@@ -215,7 +213,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     """Train one stage; returns (StageMetrics, the trained model (PeftModel unless method full), the tokenizer)."""
     from transformers import AutoTokenizer
 
-    from jp_peft.callbacks.early_stopping import EarlyStopping
+    from jp_peft.callbacks.early_stopping import EarlyStopping, fired
     from jp_peft.callbacks.preemption import PreemptionCheckpoint
     from jp_peft.callbacks.step_metrics import StepMetrics
 
@@ -256,7 +254,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     started = time.perf_counter()
     trainer.fit(module, ckpt_path=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
-    stopped = early_stop[0] if early_stop and early_stop[0].stopped_at_step is not None else None
+    stopped = fired(trainer.callbacks)
     if trainer.global_step < train.max_steps and stopped is None:
         raise StageInterrupted(stage, trainer.global_step, train.max_steps, ckpt_dir)
 
@@ -281,7 +279,3 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, stage_dir: Path
     module.model.eval()
     return metrics, module.model, tokenizer
 
-
-def export_hf(model, tokenizer, base_dir: str, stage_dir: Path) -> dict[str, str]:
-    """What the stage's method exports (hf_methods.export): hf_merged/, and hf_adapter/ for PEFT methods."""
-    return hf_methods.export(model, tokenizer, base_dir, stage_dir)

@@ -27,7 +27,8 @@ def train(spec: ExperimentSpec, stage: str, recipe=None) -> StageMetrics:
     and keep the trained model's logits on held-out ids for the export checks."""
     import torch
 
-    from jp_peft.backends.hf import export_hf, train_stage
+    from jp_peft.backends import hf_methods
+    from jp_peft.backends.hf import train_stage
     from jp_peft.callbacks.wandb_run import log_adapter_artifact, wandb_logger
     from jp_peft.export import parity
     from jp_peft.tracking import flops_per_token_fn
@@ -42,7 +43,7 @@ def train(spec: ExperimentSpec, stage: str, recipe=None) -> StageMetrics:
     logger = wandb_logger(spec, stage)
     metrics, model, tokenizer = train_stage(spec, stage, base, stage_dir, stage_paths(spec, stage),
                                             [logger] if logger else [], [], flops_per_token_fn)
-    written = export_hf(model, tokenizer, base, stage_dir)
+    written = hf_methods.export(model, tokenizer, base, stage_dir)
     with torch.no_grad():
         ids = parity.held_out_ids(spec.stage(stage).data.val_ja)
         torch.save(model.float()(input_ids=ids.to(model.device)).logits.float().cpu(), rundir.trained_logits(spec, stage))

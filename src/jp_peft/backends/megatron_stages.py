@@ -86,7 +86,7 @@ def _vocab_size(hf_dir: str) -> int:
 
 def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
     """Run the composed NeMo recipe (llm.finetune, built by NeMo-Run), then write its metrics record."""
-    from jp_peft.callbacks.early_stopping import EarlyStopping
+    from jp_peft.callbacks.early_stopping import fired
     from jp_peft.callbacks.language_validation import LanguageValidation
     from jp_peft.callbacks.wandb_run import wandb_mode
 
@@ -113,9 +113,8 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
         if trainer.global_step >= max_steps:
             raise
     wall = time.perf_counter() - started
-    stopper = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)), None)
-    stopped_early = stopper is not None and stopper.stopped_at_step == trainer.global_step
-    if trainer.global_step < max_steps and not stopped_early:
+    stopped = fired(trainer.callbacks)
+    if trainer.global_step < max_steps and stopped is None:
         raise StageInterrupted(stage, trainer.global_step, max_steps, rundir.checkpoints(spec, stage))
     validation = next(cb for cb in trainer.callbacks if isinstance(cb, LanguageValidation))
     rows = [json.loads(line) for line in rundir.train_log(spec, stage).read_text(encoding="utf-8").splitlines()
@@ -134,8 +133,8 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
         trainable_params=trainable, total_params=frozen + trainable, wall_seconds=wall,
         precision=spec.stage(stage).train.precision, resumed_from=str(resumed) if resumed else None,
         val_history=validation.history, method=spec.stage(stage).method,
-        early_stopped_at_step=stopper.stopped_at_step if stopped_early else None,
-        stop_reason=stopper.stop_reason if stopped_early else None,
+        early_stopped_at_step=stopped.stopped_at_step if stopped else None,
+        stop_reason=stopped.stop_reason if stopped else None,
         extra={"nemo_start": str(start_nemo), "last_checkpoint": str(last_checkpoint(rundir.checkpoints(spec, stage)))})
 
 

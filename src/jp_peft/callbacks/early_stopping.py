@@ -83,3 +83,8 @@ class EarlyStopping(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # Megatron: LanguageValidation
         self.check(trainer, pl_module)
+
+
+def fired(callbacks) -> EarlyStopping | None:
+    """The EarlyStopping among a trainer's callbacks that ended the stage before max_steps, if one did."""
+    return next((cb for cb in callbacks if isinstance(cb, EarlyStopping) and cb.stopped_at_step is not None), None)

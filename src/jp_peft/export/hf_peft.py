@@ -375,10 +375,10 @@ def register_qwen2_hf_peft_exporter():
             adapter_settings(**settings)  # DoRA, unknown types, post-dropout: fail before the slow load
             source, trainer = self.nemo_load(str(self))  # the adapters (not the base), on CPU
             cfg = source.config
-            with_embeddings = type(peft).__name__.endswith("WithEmbeddings")
-            if with_embeddings:  # lora_embed: NeMo's loader reads `.adapter.` tensors only
-                from jp_peft.export.megatron import load_trained_embeddings
+            from jp_peft.export.megatron import load_trained_embeddings, peft_trains_embeddings
 
+            with_embeddings = peft_trains_embeddings(peft)
+            if with_embeddings:  # lora_embed: NeMo's loader reads `.adapter.` tensors only
                 load_trained_embeddings(Path(str(self)), trainer)
             state = source.state_dict()
             adapters = {k: v for k, v in state.items() if ".adapter." in k}

@@ -33,6 +33,12 @@ def fix_tied_embeddings(hf_dir: Path) -> bool:
     return True
 
 
+def peft_trains_embeddings(peft) -> bool:
+    """Whether a NeMo PEFT object also trains the embeddings and output layer (method lora_embed:
+    backends/megatron_methods.py's *WithEmbeddings classes)."""
+    return peft is not None and type(peft).__name__.endswith("WithEmbeddings")
+
+
 def trains_embeddings(checkpoint: Path) -> bool:
     """Whether a NeMo checkpoint's PEFT also trained the embeddings and output layer (method lora_embed)."""
     from nemo.lightning import io
@@ -40,8 +46,7 @@ def trains_embeddings(checkpoint: Path) -> bool:
 
     # the model's context, as nemo_load reads it (a whole checkpoint's has no model_transform to ask for alone)
     model = io.load_context(ckpt_to_context_subdir(checkpoint), subpath="model")
-    peft = getattr(model, "model_transform", None)
-    return peft is not None and type(peft).__name__.endswith("WithEmbeddings")
+    return peft_trains_embeddings(getattr(model, "model_transform", None))
 
 
 def load_trained_embeddings(checkpoint: Path, trainer) -> list[str]:
@@ -89,7 +94,7 @@ def load_peft_model(checkpoint: Path, fp32: bool = True):
     # what merge_lora sets to bf16 (api.py:126-127)
     model.config.bf16, model.config.params_dtype = not fp32, torch.float32 if fp32 else torch.bfloat16
     peft_api._setup_trainer_and_restore_model_and_adapter(Path(checkpoint), trainer, model, lora)
-    if trains_embeddings(checkpoint):
+    if peft_trains_embeddings(lora):  # the checkpoint's own PEFT object, just loaded with its context
         load_trained_embeddings(checkpoint, trainer)
     return model, trainer
 
