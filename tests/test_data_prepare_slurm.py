@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,26 @@ def test_an_unreadable_input_fails_on_slurm_as_it_does_locally(cluster, corpus, 
     assert local.stderr.strip().splitlines()[-1] == slurm.stderr.strip().splitlines()[-1]
     assert local.stderr.strip().splitlines()[-1].startswith(f"error: {broken}: truncated or corrupt gzip data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl.gz"]
+
+
+def test_a_failed_stage_cancels_the_stages_after_it_at_once(cluster, tmp_path):
+    """Slurm's kill_invalid_depend cancels a chain of dependents one scheduler pass (about 30 s) at a time;
+    the engine cancels them as soon as the stage before them has ended with ranks undone."""
+    from jp_peft.data.engine import _wait_for_jobs
+
+    def submit(*args):
+        out = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "%j.out"), *args], capture_output=True,
+                             text=True, check=True).stdout
+        return out.strip().split(";")[0]
+
+    failed = submit("--wrap", "exit 1")
+    chain = [failed]
+    for _ in range(3):
+        chain.append(submit(f"--dependency=afterok:{chain[-1]}", "--wrap", "true"))
+    started = time.monotonic()
+    _wait_for_jobs(chain, lambda job: job == failed)
+    waited = time.monotonic() - started
+    states = {job: subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+              for job in chain[1:]}
+    assert all("JobState=CANCELLED" in text for text in states.values()), states
+    assert waited < 20, f"waited {waited:.0f} s: the dependents were left to Slurm's scheduler"

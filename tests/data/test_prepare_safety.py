@@ -134,16 +134,34 @@ def test_invalid_near_dedup_threshold_exits_2_and_leaves_nothing(tmp_path, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
 
 
+SLOW_MERGE = """
+import sys, time
+from jp_peft.data.outputs import PreparedOutputs
+from jp_peft.cli import main
+
+append_shard = PreparedOutputs.append_shard
+
+def slow(self, shard_prefix):  # a big corpus: the temporary outputs are still being written when the signal comes
+    time.sleep(1)
+    return append_shard(self, shard_prefix)
+
+PreparedOutputs.append_shard = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigterm_mid_run_removes_the_temporary_outputs(tmp_path, tiny_base):
-    src = japanese_docs(tmp_path / "docs.jsonl", 30_000)
-    proc = subprocess.Popen([sys.executable, "-m", "jp_peft.cli", "data", "prepare", "--input", str(src), "--tokenizer",
+    # The final merge is slowed (not the input made bigger): a fast CI machine once merged 30,000 documents
+    # between two looks for the temporary outputs, and the test failed on timing alone.
+    src = japanese_docs(tmp_path / "docs.jsonl", 300)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "data", "prepare", "--input", str(src), "--tokenizer",
                              str(tiny_base), "--output-prefix", str(tmp_path / "out"), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
     while not list(tmp_path.glob("*.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "finished before it could be stopped: make the input bigger"
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGTERM)  # what scancel or a stage's time limit does
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
