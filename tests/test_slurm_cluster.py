@@ -160,3 +160,28 @@ def test_megatron_cpu_smoke_runs_through_slurm(cluster, tmp_path, tiny_base):
         assert all(c["ok"] and c["max_abs_diff"] <= 1e-4 for c in checks)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backend"] == "megatron" and summary["stages"][0]["ja_ppl_after"] < summary["stages"][0]["ja_ppl_before"]
+
+
+def test_a_failed_job_cancels_its_whole_chain_of_dependents_even_without_kill_invalid_depend(cluster, tmp_path):
+    """Slurm's default (no kill_invalid_depend, asked for here per job) marks only a failed job's direct
+    dependents DependencyNeverSatisfied and leaves the rest of the chain waiting on them for ever: the
+    launcher's --wait waited its whole 24 h. A second, independent chain (another sweep variant) runs on."""
+    def submit(*args):
+        return subprocess.run(["sbatch", "--parsable", "--kill-on-invalid-dep=no", "-o", str(tmp_path / "%j.out"),
+                               *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    jobs = {"a-cpt": submit("--wrap", "exit 1"), "b-cpt": submit("--wrap", "true")}
+    depends_on = {"a-cpt": [], "b-cpt": []}
+    for variant in ("a", "b"):
+        for before, name in (("cpt", "export"), ("export", "sft")):
+            jobs[f"{variant}-{name}"] = submit(f"--dependency=afterok:{jobs[f'{variant}-{before}']}", "--wrap", "true")
+            depends_on[f"{variant}-{name}"] = [f"{variant}-{before}"]
+    cancelled = []
+    started = time.monotonic()
+    states = wait_for(jobs, timeout_s=120, poll_s=1, log=lambda *_: None, depends_on=depends_on,
+                      on_cancel=cancelled.extend)
+    waited = time.monotonic() - started
+    assert {name: state for name, (state, _) in states.items()} == {
+        "a-cpt": "FAILED", "a-export": "CANCELLED", "a-sft": "CANCELLED",
+        "b-cpt": "COMPLETED", "b-export": "COMPLETED", "b-sft": "COMPLETED"}
+    assert sorted(cancelled) == ["a-export", "a-sft"] and waited < 60, waited

@@ -264,7 +264,7 @@ def print_summaries(tasks: list[PlannedTask]) -> None:
 def follow_slurm(tasks: list[PlannedTask], specs, exp, wait: bool, started: float) -> int:
     """Print each task's job id and log; with --wait, follow them to the end (scontrol, no sacct needed)."""
     from jp_peft.run_state import record_jobs
-    from jp_peft.slurm_jobs import cancel_never_runnable, job_id_of, wait_for
+    from jp_peft.slurm_jobs import job_id_of, wait_for
 
     jobs = {job.id: job_id_of(job.handle) for job in exp.jobs}
     record_jobs(specs, jobs)
@@ -273,9 +273,11 @@ def follow_slurm(tasks: list[PlannedTask], specs, exp, wait: bool, started: floa
     if not wait:
         print("submitted; follow with `squeue`, or rerun with --wait")
         return 0
-    states = wait_for(jobs, on_poll=slurm_progress_printer(tasks))
-    if never := cancel_never_runnable(jobs, states):
-        print(f"cancelled {', '.join(never)}: a job they depend on failed, so they could never start", file=sys.stderr)
+    def said_cancelled(names: list[str]) -> None:
+        print(f"cancelled {', '.join(names)}: a job they depend on failed, so they could never start", file=sys.stderr)
+
+    states = wait_for(jobs, on_poll=slurm_progress_printer(tasks), depends_on={t.name: t.depends_on for t in tasks},
+                      on_cancel=said_cancelled)
     for job in exp.jobs:
         state, reason = states[job.id]
         if state != "COMPLETED":
