@@ -85,11 +85,11 @@ def peft_config(spec: ExperimentSpec, stage: str) -> run.Config | None:
 
 def apply_optimizer(recipe: run.Partial, spec: ExperimentSpec, stage: str) -> None:
     """lora_embed with an embed_lr: the embeddings and output layer in Megatron's decoupled group."""
-    stage_spec = spec.stage(stage)
-    if stage_spec.method == "lora_embed" and stage_spec.train.embed_lr is not None:
-        recipe.optim.config.decoupled_lr = stage_spec.train.embed_lr
+    train = spec.stage(stage).train
+    if embed_lr_ratio(spec, stage) is not None:
+        recipe.optim.config.decoupled_lr = train.embed_lr
         # the same share of the peak as every other group reaches (hf_methods decays them alike)
-        recipe.optim.config.decoupled_min_lr = stage_spec.train.min_lr * stage_spec.train.embed_lr / stage_spec.train.lr
+        recipe.optim.config.decoupled_min_lr = train.min_lr * train.embed_lr / train.lr
 
 
 def embed_lr_ratio(spec: ExperimentSpec, stage: str) -> float | None:

@@ -309,26 +309,32 @@ def _wait_for_jobs(job_ids: list[str], left_ranks_undone=lambda job: False) -> N
     """Until none of the jobs (arrays included, `job_ids` in stage order) is pending or running.
 
     A stage that ended with ranks undone cancels every job after it at once: their dependencies can no
-    longer be met, and Slurm's own `kill_invalid_depend` would cancel them one stage per scheduler pass
-    (on the dev cluster about 70 s for the five stages after `clean`, on every attempt). A job whose
+    longer be met, and Slurm would cancel them one stage per scheduler pass with `kill_invalid_depend`
+    (on the dev cluster about 70 s for the five stages after `clean`, on every attempt), or never without
+    it (slurm_jobs.cancel_unrunnable says why). A job whose
     dependency failed some other way shows `DependencyNeverSatisfied`: cancelled here too (squeue; no
     slurmdbd needed)."""
+    from jp_peft.slurm_jobs import TERMINAL
+
+    complete: set[str] = set()  # ended with every rank done: their completion marks are read once
     while job_ids:
         proc = subprocess.run(["squeue", "-h", "-o", "%F|%T|%r"], capture_output=True, text=True)
         rows = [line.split("|") for line in proc.stdout.splitlines() if line.count("|") == 2]
         ours = [(job, state, reason) for job, state, reason in rows if job in job_ids]
-        live = [r for r in ours if r[1] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
-                                                "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE")]
+        live = [r for r in ours if r[1] not in TERMINAL]
         if not live:
             return
         live_jobs = {job for job, _, _ in live}
         for position, job in enumerate(job_ids):
             if job in live_jobs:
                 break  # the stages after a live one have not run yet
+            if job in complete:
+                continue
             if left_ranks_undone(job):
                 later = [j for j in job_ids[position + 1:] if j in live_jobs]
                 subprocess.run(["scancel", *later], capture_output=True)
                 return
+            complete.add(job)
         never = sorted({job for job, state, reason in live
                         if state == "PENDING" and reason.startswith("DependencyNeverSatisfied")})
         if never:  # their dependents then become never satisfied in turn, and are cancelled next time round
