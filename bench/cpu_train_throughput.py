@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_spec(out: Path, steps: int, overrides: list[str]):
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import resolve_spec
     from jp_peft.spec import load_preset
 
-    return resolve_spec(load_preset(REPO / "recipes/configs/smoke.yaml"),
+    return resolve_spec(load_preset("smoke"),
                         [f"output_dir={out}", "wandb.enabled=false", f"train.max_steps={steps}", "train.warmup_steps=2",
                          f"train.val_check_interval={steps}", "train.limit_val_batches=1",
                          f"train.ckpt_every_n_steps={steps}", *overrides])
@@ -48,17 +48,15 @@ def median_after(rows: list[dict], key: str, warmup: int) -> float:
 def run_jp_peft(spec, stage: str, warmup: int, tag: str) -> dict:
     import shutil
 
-    from jp_peft.backends.hf import train_stage
-    from jp_peft.backends.hf_stages import stage_paths
-    from jp_peft.rundir import base_model_dir
-    from jp_peft.tracking import flops_per_token_fn
+    from jp_peft.backends.hf.trainer import train_stage
+    from jp_peft.records import layout
 
-    stage_dir = spec.run_dir / f"{stage}-{tag}"
+    # Each measurement starts fresh, with no checkpoint to resume from
+    stage_dir = layout.stage_dir(spec, stage)
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True)
-    metrics, _, _ = train_stage(spec, stage, base_model_dir(spec), stage_dir, stage_paths(spec, stage), [], [],
-                                flops_per_token_fn)
-    rows = [json.loads(x) for x in open(stage_dir / "train_log.jsonl")]
+    metrics, _, _ = train_stage(spec, stage, layout.base_model_dir(spec), [])
+    rows = [json.loads(x) for x in open(layout.train_log(spec, stage))]
     return {"tokens_per_s": median_after(rows, "perf/tokens_per_s", warmup),
             "step_time_s": median_after(rows, "perf/step_time_s", warmup), "steps": len(rows)}
 
@@ -69,13 +67,12 @@ def run_plain_peft(spec, warmup: int) -> dict:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jp_peft.backends.hf import build_datasets
-    from jp_peft.backends.hf_stages import stage_paths
-    from jp_peft.rundir import base_model_dir
+    from jp_peft.backends.hf.trainer import build_datasets
+    from jp_peft.records.layout import base_model_dir
 
     torch.manual_seed(spec.cpt.train.seed)
     base = base_model_dir(spec)
-    train_set, _ = build_datasets(spec, "cpt", AutoTokenizer.from_pretrained(base), stage_paths(spec, "cpt"))
+    train_set, _ = build_datasets(spec, "cpt", AutoTokenizer.from_pretrained(base))
     lora = spec.lora
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32),
                            LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -108,15 +105,14 @@ def packing_density(spec) -> dict:
     """Real (non-padding) tokens per row of the SFT training set, packed and one example per row."""
     from transformers import AutoTokenizer
 
-    from jp_peft.backends.hf_data import SFTDataset
-    from jp_peft.backends.hf_stages import stage_paths
-    from jp_peft.rundir import base_model_dir
+    from jp_peft.backends.hf.data import SFTDataset
+    from jp_peft.records.layout import base_model_dir
 
     data = spec.sft.data
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir(spec))
     out = {}
     for name, packing in (("packed", True), ("padded", False)):
-        dataset = SFTDataset(stage_paths(spec, "sft")["sft_train"], tokenizer, data.seq_length, None, 0, packing,
+        dataset = SFTDataset(spec.sft.data.sft_train, tokenizer, data.seq_length, None, 0, packing,
                              tokenizer.pad_token_id or tokenizer.eos_token_id)
         out[name] = {"rows": len(dataset.rows), "real_tokens": dataset.real_tokens(),
                      "real_tokens_per_row": dataset.real_tokens() / len(dataset.rows)}
@@ -136,7 +132,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from jp_peft.stages import run_data, run_import
+    from jp_peft.run.entry import run_data, run_import
 
     out = Path(tempfile.mkdtemp(prefix="bench_cpu_"))
     spec = make_spec(out, args.steps, ["lora.dropout=0.0"])

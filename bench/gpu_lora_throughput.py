@@ -4,7 +4,7 @@ Three configurations train Qwen2.5-0.5B's exact architecture (random weights fro
 real checkpoint with --hf-model) with LoRA rank 32 on all seven linear projections, bf16, on blocks of
 the bundled Japanese corpus, each at every micro batch of a sweep until one does not fit:
   megatron       jp-peft's Megatron backend: the composed recipe (recipes/qwen25_500m_ja.py cpt_lora)
-                 run by jp-peft's stage runner (jp_peft.stages.run_stage), under torchrun
+                 run by jp-peft's stage runner (jp_peft.run.entry.run_stage), under torchrun
   hf_backend     jp-peft's hf backend (backends/hf_stages.py train: transformers + peft + Lightning)
   plain_hf_peft  a plain transformers + peft loop: bf16 weights, sdpa attention, AdamW
 Then the parity run (Megatron at its best micro batch, --parity-steps long) goes through the run's own
@@ -105,8 +105,8 @@ def step_time_spread(seconds) -> dict:
 
 
 def peak_tflops_for(gpu_name: str | None) -> float | None:
-    """Dense bf16 peak of a device by name (jp_peft.callbacks.flops.PEAK_TFLOPS_BF16); JP_PEFT_PEAK_TFLOPS wins."""
-    from jp_peft.callbacks.flops import PEAK_TFLOPS_BF16
+    """Dense bf16 peak of a device by name (jp_peft.training.flops.PEAK_TFLOPS_BF16); JP_PEFT_PEAK_TFLOPS wins."""
+    from jp_peft.training.flops import PEAK_TFLOPS_BF16
 
     if os.environ.get("JP_PEFT_PEAK_TFLOPS"):
         return float(os.environ["JP_PEFT_PEAK_TFLOPS"])
@@ -290,7 +290,7 @@ def trial_overrides(args, base: Path | None, name: str, backend: str, seq: int, 
 
 
 def trial_spec(args, base, name, backend, seq, micro, steps):
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import resolve_spec
     from jp_peft.spec import load_preset
 
     preset = REPO / "recipes" / "configs" / ("smoke.yaml" if args.tiny else "qwen25_500m_ja.yaml")
@@ -324,13 +324,13 @@ def worker_main(job_path: str) -> int:
 def run_stage_job(job: dict) -> dict:
     """One jp-peft stage exactly as its NeMo-Run task runs it: `task_config(...)` built and called
     (Megatron: run_stage with the recipe module's composed NeMo recipe; hf: run_stage)."""
-    from jp_peft.experiment import PlannedTask, task_config
+    from jp_peft.run.plan import PlannedTask, task_config
     from jp_peft.spec import experiment_from_dict
 
     spec = experiment_from_dict(job["spec"])
     task = PlannedTask(f"{spec.name}-{job['stage']}", job["stage"], spec, [], target=job.get("target"))
     if spec.backend != "megatron":
-        from jp_peft.stages import run_stage
+        from jp_peft.run.entry import run_stage
 
         run_stage(spec.to_dict(), task.stage, task.target)
         return {"recipe_adjustments": []}
@@ -380,15 +380,15 @@ def run_base_job(job: dict) -> dict:
 def run_plain_job(job: dict) -> dict:
     """The baseline a user writes: transformers + peft, bf16 weights on a GPU (fp32 on CPU), sdpa,
     AdamW on the LoRA weights, gradient accumulation over micro batches, clipping; the same token
-    blocks as the hf backend (jp_peft.backends.hf_data.BlendedBlocks over the prepared files)."""
+    blocks as the hf backend (jp_peft.backends.hf.data.BlendedBlocks over the prepared files)."""
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
 
-    from jp_peft.backends.hf_data import BlendedBlocks
-    from jp_peft.callbacks.step_metrics import peak_memory_mb
+    from jp_peft.backends.hf.data import BlendedBlocks
+    from jp_peft.training.step_metrics import peak_memory_mb
     from jp_peft.spec import experiment_from_dict
 
     spec = experiment_from_dict(job["spec"])
@@ -459,10 +459,10 @@ def run_parity_job(job: dict) -> dict:
     32 Japanese prompts; and the imported base exported back to HF ("hf") vs the original weights."""
     from nemo.collections import llm
 
-    from jp_peft import rundir
-    from jp_peft.backends import megatron_cpu
-    from jp_peft.backends.megatron import imported_base_path
-    from jp_peft.backends.megatron_stages import last_checkpoint
+    from jp_peft.records import layout as rundir
+    from jp_peft.backends.megatron import cpu as megatron_cpu
+    from jp_peft.backends.megatron.compose import imported_base_path
+    from jp_peft.backends.megatron.stages import last_checkpoint
     from jp_peft.export import parity
     from jp_peft.export.megatron import merge_lora
     from jp_peft.spec import experiment_from_dict
@@ -657,7 +657,7 @@ class Bench:
             self.say(f"stage {stage} ({backend} backend)")
             self.worker(stage, {"kind": "stage", "spec": spec.to_dict(), "stage": stage})
             self.step_done(stage, started)
-        from jp_peft import rundir
+        from jp_peft.records import layout as rundir
 
         record = json.loads(rundir.import_record(spec).read_text())
         self.result["model"]["import_checks"] = record.get("parity", [])
@@ -665,7 +665,7 @@ class Bench:
     def describe_workload(self) -> None:
         from transformers import AutoConfig
 
-        from jp_peft.callbacks.flops import lora_flops_per_token, shape_of_hf_config
+        from jp_peft.training.flops import lora_flops_per_token, shape_of_hf_config
 
         spec = trial_spec(self.args, self.base, "describe", "hf", self.args.seq[0], self.args.micro_batches[0], 2)
         shape = shape_of_hf_config(AutoConfig.from_pretrained(self.base))
@@ -678,7 +678,7 @@ class Bench:
             "global_batch": self.args.global_batch, "steps": self.args.steps, "warmup": self.args.warmup,
             "parity_steps": self.args.parity_steps, "time_budget_s": self.args.time_budget,
             "flops_per_token": {str(s): f for s, f in self.flops.items()}, "peak_tflops": self.peak,
-            "flops_accounting": "jp_peft.callbacks.flops.lora_flops_per_token (frozen 4N, LoRA 6N, attention)",
+            "flops_accounting": "jp_peft.training.flops.lora_flops_per_token (frozen 4N, LoRA 6N, attention)",
             "tokens_per_s": "median of the steps after warm-up; tokens = global batch x seq length per optimizer step",
             "memory": "torch.cuda.max_memory_allocated" if not self.args.tiny else "process max RSS (CPU)",
         }
@@ -690,7 +690,7 @@ class Bench:
         step = f"{config} seq {seq} micro {micro}" + (" (parity run)" if parity_run else "")
         backend = {"megatron": "megatron", "hf_backend": "hf", "plain_hf_peft": "hf"}[config]
         spec = trial_spec(self.args, self.base, name, backend, seq, micro, steps)
-        from jp_peft import rundir
+        from jp_peft.records import layout as rundir
 
         log = rundir.train_log(spec, "cpt")
         if spec.run_dir.exists():
@@ -758,7 +758,7 @@ class Bench:
                 "note": "targets are for an H100; the peak used for MFU is the device's own"}
 
     def parity(self, parity_spec) -> None:
-        from jp_peft import rundir
+        from jp_peft.records import layout as rundir
 
         started = time.perf_counter()
         self.say("stage export (the parity run's hf-peft adapter, merged model, .nemo, export checks)")

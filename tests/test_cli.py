@@ -70,7 +70,7 @@ def test_stage_export_without_target_exits_2_naming_it(tmp_path):
 def test_stage_command_refuses_a_bad_spec_or_eval_tasks_in_one_line(tmp_path):
     """`jp-peft stage` is also run by hand: a missing or broken spec file, a spec field out of range and an eval
     stage whose tasks cannot run all exit 2 with the file or field named, before any model loads."""
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import resolve_spec
     from jp_peft.spec import load_preset
 
     stage = [sys.executable, "-m", "jp_peft.cli", "stage"]
@@ -80,7 +80,7 @@ def test_stage_command_refuses_a_bad_spec_or_eval_tasks_in_one_line(tmp_path):
     broken.write_text('{"name": "x",\n  oops}')
     proc, _ = _timed([*stage, "cpt", "--spec", str(broken)])
     assert proc.returncode == 2 and "broken.json:2: not JSON" in proc.stderr and "Traceback" not in proc.stderr
-    values = load_preset(REPO / "recipes/configs/smoke.yaml")
+    values = load_preset("smoke")
     spec = resolve_spec(values, [f"output_dir={tmp_path}", "eval.tasks_ja=[jpeft_jcqa,jcqa_typo]"]).to_dict()
     good = tmp_path / "spec.json"
     good.write_text(json.dumps(spec))

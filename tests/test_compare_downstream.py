@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from jp_peft.cli import main
-from jp_peft.metrics import StageMetrics
-from jp_peft.rundir import write_json
+from jp_peft.records.metrics import StageMetrics
+from jp_peft.records.layout import write_json
 
 pytestmark = pytest.mark.unit
 

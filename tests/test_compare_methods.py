@@ -3,7 +3,7 @@
 import pytest
 
 from jp_peft.compare import config_differences, summary_rows
-from jp_peft.metrics import StageMetrics
+from jp_peft.records.metrics import StageMetrics
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jp_peft.callbacks.flops import QWEN25_05B, lora_flops_per_token
+from jp_peft.training.flops import QWEN25_05B, lora_flops_per_token
 from jp_peft.spec import HF_LORA_TARGETS
 
 

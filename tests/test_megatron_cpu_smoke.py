@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jp_peft.metrics import read_stage_metrics
+from jp_peft.records.metrics import read_stage_metrics
 from megatron_tier import MEGATRON_OVERRIDES, megatron_experiment as _experiment
 
 pytestmark = pytest.mark.megatron_cpu
@@ -87,7 +87,7 @@ def test_megatron_measured_losses_equal_the_exported_models(megatron_run):
 
 
 def test_japanese_and_english_validation_are_logged_separately(megatron_run):
-    from jp_peft.wandb_offline import read_offline_run
+    from wandb_offline import read_offline_run
 
     run_dir = megatron_run[0]
     for stage, every in (("cpt", 8), ("sft", 5)):
@@ -156,14 +156,14 @@ def test_dryrun_shows_the_composed_nemo_configuration_and_touches_no_file(megatr
 
 
 def test_importing_one_module_registers_the_hf_peft_exporter(megatron_run, tmp_path):
-    """Plain `llm.export_ckpt(path, target="hf-peft")` after `import jp_peft.nemo_exporters`, on the run's
+    """Plain `llm.export_ckpt(path, target="hf-peft")` after `import jp_peft.export.nemo_exporters`, on the run's
     own LoRA checkpoint: the same tensors as the run's exported adapter."""
     run_dir, _, env = megatron_run
     record = json.loads((run_dir / "cpt" / "export.json").read_text())
     code = f"""
-from jp_peft.backends import megatron_cpu
+from jp_peft.backends.megatron import cpu as megatron_cpu
 megatron_cpu.enable()
-import jp_peft.nemo_exporters
+import jp_peft.export.nemo_exporters
 from nemo.collections import llm
 llm.export_ckpt(path={record['checkpoint']!r}, target="hf-peft", output_path={str(tmp_path / 'adapter')!r})
 """
@@ -183,7 +183,7 @@ def test_import_recipe_hands_nemo_a_model_instance(megatron_run, monkeypatch):
     from nemo.collections import llm
     from nemo.lightning.io.mixin import ConnectorMixin
 
-    from recipes import qwen25_500m_ja
+    from jp_peft.recipes import qwen25_500m_ja
 
     run_dir, _, env = megatron_run
     monkeypatch.setenv("NEMO_HOME", env["NEMO_HOME"])
@@ -208,7 +208,7 @@ def test_data_stage_reads_the_import_record_both_backends_write(megatron_run):
 def test_gradient_clip_val_is_left_to_megatrons_optimizer(megatron_run, tmp_path):
     """Bug 2: trainer.gradient_clip_val made NeMo raise on the first optimizer step. The composed recipe
     clips in optim.config.clip_grad only; with gradient_clip_val set the same recipe fails on the engine."""
-    from recipes import qwen25_500m_ja
+    from jp_peft.recipes import qwen25_500m_ja
 
     run_dir, _, env = megatron_run
     spec = json.loads((run_dir / "spec.json").read_text())
@@ -219,11 +219,11 @@ def test_gradient_clip_val_is_left_to_megatrons_optimizer(megatron_run, tmp_path
     spec_file.write_text(json.dumps(spec))
     code = f"""
 import json, fiddle as fdl
-from jp_peft.experiment import PlannedTask, task_config
+from jp_peft.run.plan import PlannedTask, task_config
 from jp_peft.spec import experiment_from_dict
-from recipes import qwen25_500m_ja
+from jp_peft.recipes import qwen25_500m_ja
 spec = experiment_from_dict(json.load(open({str(spec_file)!r})))
-config = task_config(PlannedTask("clip-cpt", "cpt", spec, []), qwen25_500m_ja)
+config = task_config(PlannedTask("clip-cpt", "cpt", spec, []))
 config.recipe.trainer.gradient_clip_val = 1.0  # what apply_training set before the fix
 config.recipe.trainer.max_steps = config.recipe.trainer.val_check_interval = 1
 fdl.build(config)()
@@ -241,7 +241,7 @@ def test_pretraining_data_uses_the_models_tokenizer_offline(megatron_run):
     code = f"""
 import json, fiddle as fdl
 from nemo.collections import llm
-from recipes import qwen25_500m_ja
+from jp_peft.recipes import qwen25_500m_ja
 spec = json.load(open({str(run_dir / 'spec.json')!r}))
 data = fdl.build(qwen25_500m_ja.cpt_lora(spec=spec).data)
 print("VOCAB", data.tokenizer.vocab_size)
@@ -317,11 +317,11 @@ def test_stopped_and_resumed_cpt_equals_an_uninterrupted_one(megatron_run, tmp_p
 
     code = """
 import sys
-from jp_peft.backends import megatron_cpu
+from jp_peft.backends.megatron import cpu as megatron_cpu
 megatron_cpu.enable()
-import jp_peft.nemo_exporters
+import jp_peft.export.nemo_exporters
 from nemo.collections import llm
-from jp_peft.backends.megatron_stages import last_checkpoint
+from jp_peft.backends.megatron.stages import last_checkpoint
 for ckpt_dir, out in zip(sys.argv[1::2], sys.argv[2::2]):
     llm.export_ckpt(path=last_checkpoint(ckpt_dir), target="hf-peft", output_path=out)
 """

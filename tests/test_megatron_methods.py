@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jp_peft.metrics import read_stage_metrics
+from jp_peft.records.metrics import read_stage_metrics
 
 pytestmark = pytest.mark.megatron_cpu
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jp_peft.experiment import resolve_spec
+from jp_peft.spec import resolve_spec
 from jp_peft.spec import load_preset
 
 pytestmark = pytest.mark.integration
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _spec(run_dir: Path, name: str, tmp: Path, *overrides: str) -> Path:
-    values = load_preset(REPO / "recipes/configs/smoke.yaml")
+    values = load_preset("smoke")
     spec = resolve_spec(values, [f"output_dir={run_dir.parent}", f"name={name}", "group=smoke", "stages=[cpt,sft,export]",
                                  "wandb.enabled=false", "train.limit_val_batches=1", *overrides])
     path = tmp / f"{name}.json"

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jp_peft.progress import latest_progress
+from jp_peft.records.progress import latest_progress
 
 
 def _row(step, loss, tps, secs):

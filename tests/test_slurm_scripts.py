@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from jp_peft import executors
-from jp_peft.executors import ProfileError, load_profile
-from jp_peft.experiment import plan
-from jp_peft.launch import render_sbatch_scripts
+from jp_peft.run import executors
+from jp_peft.run.executors import ProfileError, load_profile
+from jp_peft.run.plan import plan
+from jp_peft.run.launch import render_sbatch_scripts
 from jp_peft.spec import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,11 +72,8 @@ def render(preset: str, profile, overrides: list[str], sweep: list[str], root: P
         profile_changes.setdefault("tunnel", {"type": "local"})
     profile = dataclasses.replace(profile, **profile_changes)
     overrides = [o.replace("{ROOT}", str(root)) for o in overrides] + [f"output_dir={root / 'runs'}"]
-    tasks = plan(load_preset(REPO / "recipes/configs" / preset), overrides, sweep)
-    recipes = None
-    if tasks[0].spec.backend == "megatron":  # as experiments/qwen_lora_ja.py does: the recipe composes NeMo's calls
-        from recipes import qwen25_500m_ja as recipes
-    return tasks, render_sbatch_scripts(tasks, profile, recipes)
+    tasks = plan(load_preset(preset), overrides, sweep)
+    return tasks, render_sbatch_scripts(tasks, profile)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

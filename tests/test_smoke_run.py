@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jp_peft.experiment import resolve_spec
+from jp_peft.spec import resolve_spec
 from jp_peft.spec import load_preset
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ def test_adapter_trained_and_matches_merged_model(smoke_run, stage):
 
 
 def _stage_spec(run_dir: Path, name: str, tmp: Path) -> Path:
-    values = load_preset(REPO / "recipes/configs/smoke.yaml")
+    values = load_preset("smoke")
     spec = resolve_spec(values, [f"output_dir={run_dir.parent}", f"name={name}", "group=smoke", "stages=[cpt]",
                                  "lora.dropout=0.0", "cpt.train.max_steps=16", "cpt.train.ckpt_every_n_steps=4",
                                  "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=2", "wandb.enabled=false"])

@@ -52,7 +52,7 @@ def test_overrides_parse_yaml_values_and_shorthands():
 
 
 def test_presets_load_with_design_note_defaults(repo):
-    spec = experiment_from_dict(load_preset(repo / "recipes/configs/qwen25_500m_ja.yaml"))
+    spec = experiment_from_dict(load_preset("qwen25_500m_ja"))
     # shared/seeds/000 section 10.1
     assert (spec.lora.rank, spec.lora.alpha, spec.lora.dropout) == (32, 16, 0.1)
     assert len(spec.lora.target_modules) == 7
@@ -60,7 +60,7 @@ def test_presets_load_with_design_note_defaults(repo):
     assert (t.max_steps, t.micro_batch_size, t.global_batch_size, t.lr, t.warmup_steps, t.val_check_interval,
             t.precision, t.grad_clip) == (1000, 4, 16, 1e-4, 100, 100, "bf16-mixed", 1.0)
     assert [b.weight for b in spec.cpt.data.blend] == [0.9, 0.1]
-    smoke = experiment_from_dict(load_preset(repo / "recipes/configs/smoke.yaml"))
+    smoke = experiment_from_dict(load_preset("smoke"))
     assert smoke.backend == "hf" and smoke.model.tiny
 
 
@@ -81,16 +81,16 @@ def test_missing_data_fails_before_launch_naming_the_field(tmp_path):
     ("eval.limt=3", "eval.limt: unknown field; did you mean 'limit'"),
 ])
 def test_eval_fields_reject_bad_values_naming_the_field(repo, override, field):
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import resolve_spec
 
     with pytest.raises(SpecError, match=field.replace(".", r"\.").replace("[", r"\[")):
-        resolve_spec(load_preset(repo / "recipes/configs/smoke.yaml"), [override])
+        resolve_spec(load_preset("smoke"), [override])
 
 
 def test_eval_overrides_apply_and_presets_set_the_suites(repo, tmp_path):
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import resolve_spec
 
-    smoke = load_preset(repo / "recipes/configs/smoke.yaml")
+    smoke = load_preset("smoke")
     spec = resolve_spec(smoke, ["eval.limit=10", "eval.tasks_ja=jpeft_jcqa,jpeft_marc", "eval.tasks_en=[]",
                                 "eval.generation=false", "eval.data_dir=lm_eval_data"], cwd=tmp_path)
     assert (spec.eval.limit, spec.eval.tasks_ja, spec.eval.tasks_en, spec.eval.generation) == \
@@ -100,7 +100,7 @@ def test_eval_overrides_apply_and_presets_set_the_suites(repo, tmp_path):
     defaults = resolve_spec(smoke, []).eval
     assert defaults.tasks_ja == ("jpeft_jcqa", "jpeft_jnli", "jpeft_marc") and defaults.tasks_en == ("jpeft_en_mc",)
     assert (defaults.num_fewshot, defaults.limit) == (0, 40)
-    production = experiment_from_dict(load_preset(repo / "recipes/configs/qwen25_500m_ja.yaml")).eval
+    production = experiment_from_dict(load_preset("qwen25_500m_ja")).eval
     assert (production.tasks_ja, production.tasks_en, production.limit) == (("ja_leaderboard",), ("en",), None)
     from jp_peft.evaluation.tasks import resolve_tasks
 
@@ -109,11 +109,12 @@ def test_eval_overrides_apply_and_presets_set_the_suites(repo, tmp_path):
 
 def test_eval_fields_are_in_the_eval_stages_fingerprint_only(repo, tmp_path):
     """Changing a task limit reruns the eval stage and keeps the trained stages (and their run directory)."""
-    from jp_peft.experiment import resolve_spec
-    from jp_peft.run_state import check_reuse, fingerprint
-    from jp_peft.rundir import spec_file, write_json
+    from jp_peft.spec import resolve_spec
+    from jp_peft.records.fingerprint import fingerprint
+    from jp_peft.run.locks import check_reuse
+    from jp_peft.records.layout import spec_file, write_json
 
-    smoke = load_preset(repo / "recipes/configs/smoke.yaml")
+    smoke = load_preset("smoke")
     old = resolve_spec(smoke, [f"output_dir={tmp_path}"])
     new = resolve_spec(smoke, [f"output_dir={tmp_path}", "eval.limit=10"])
     for stage in ("cpt", "sft", "export"):
@@ -133,10 +134,10 @@ def _blend(*entries):
 
 def test_replay_ratio_rewrites_the_cpt_blend_weights_for_both_backends(repo):
     from jp_peft.data.blend import nemo_blend_paths
-    from jp_peft.experiment import resolve_spec
-    from jp_peft.run_state import fingerprint
+    from jp_peft.spec import resolve_spec
+    from jp_peft.records.fingerprint import fingerprint
 
-    smoke = load_preset(repo / "recipes/configs/smoke.yaml")
+    smoke = load_preset("smoke")
     declared = resolve_spec(smoke, []).cpt.data
     assert [(b.name, b.weight) for b in declared.blend] == [("ja", 0.9), ("en_replay", 0.1)]
     spec = resolve_spec(smoke, ["cpt.data.replay_ratio=0.3"])

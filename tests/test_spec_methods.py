@@ -3,7 +3,7 @@ Megatron backend's refusals (plan time, naming the field)."""
 
 import pytest
 
-from jp_peft.run_state import fingerprint
+from jp_peft.records.fingerprint import fingerprint
 from jp_peft.spec import METHODS, SpecError, TrainSpec, apply_overrides, experiment_from_dict
 
 pytestmark = pytest.mark.unit

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jp_peft.wandb_offline import read_offline_run
+from wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.integration
 STEP_KEYS = ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/samples_per_s",

@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jp_peft import rundir
+from jp_peft.records import layout as rundir
 from jp_peft.evaluation.summary import BASE, downstream_summary
-from jp_peft.metrics import read_stage_metrics
-from jp_peft.rundir import MissingRecord, read_json
+from jp_peft.records.metrics import read_stage_metrics, read_train_log, relative_forgetting, relative_gain, step_rows
+from jp_peft.records.layout import MissingRecord, read_json
 from jp_peft.spec import TRAINED_STAGES
 
 IGNORED_KEYS = ("name", "group", "output_dir")  # differ by construction, say nothing about the recipe
@@ -50,12 +50,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         raise MissingRecord(f"{run_dir}: no spec.json; is this a run directory (DIR/NAME)?")
     run = {"dir": run_dir, "name": run_dir.name, "spec": read_json(spec_path, "compare"), "stages": {}}
     for stage in TRAINED_STAGES:
-        metrics = run_dir / stage / "metrics.json"
+        metrics = rundir.metrics_file_of(run_dir, stage)
         if metrics.exists():
-            log = run_dir / stage / "train_log.jsonl"
-            rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-            run["stages"][stage] = {"metrics": read_stage_metrics(metrics).to_dict(),
-                                    "log": [r for r in rows if "train/loss" in r]}
+            log = rundir.train_log_of(run_dir, stage)
+            rows = read_train_log(log) if log.exists() else []
+            run["stages"][stage] = {"metrics": read_stage_metrics(metrics).to_dict(), "log": step_rows(rows)}
     if not run["stages"]:
         raise MissingRecord(f"{run_dir}: no finished stage (no <stage>/metrics.json)")
     run["downstream"] = load_downstream(run_dir)
@@ -95,9 +94,9 @@ def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]
                "method": "+".join(s["metrics"].get("method", "lora") for s in run["stages"].values()),
                "trainable_params": "+".join(f"{s['metrics']['trainable_params']:,}" for s in run["stages"].values()),
                "ja_ppl_base": first["base_val_ppl_ja"], "ja_ppl": last["val_ppl_ja"],
-               "ja_gain_%": 100 * (first["base_val_ppl_ja"] - last["val_ppl_ja"]) / first["base_val_ppl_ja"],
+               "ja_gain_%": relative_gain(first["base_val_ppl_ja"], last["val_ppl_ja"]),
                "en_ppl_base": first["base_val_ppl_en"], "en_ppl": last["val_ppl_en"],
-               "en_forgetting_%": 100 * (last["val_ppl_en"] - first["base_val_ppl_en"]) / first["base_val_ppl_en"],
+               "en_forgetting_%": relative_forgetting(first["base_val_ppl_en"], last["val_ppl_en"]),
                "tokens_per_s": sum(s["metrics"]["tokens_per_second"] for s in run["stages"].values()) / len(run["stages"]),
                "mfu_%": 100 * sum(mfu) / len(mfu) if mfu else None,
                "wall_s": sum(s["metrics"]["wall_seconds"] for s in run["stages"].values())}

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from jp_peft.backends import hf_methods
-from jp_peft.callbacks.flops import lora_flops_per_token, method_flops_per_token, shape_of_hf_config
+from jp_peft.backends.hf import methods as hf_methods
+from jp_peft.training.flops import lora_flops_per_token, method_flops_per_token, shape_of_hf_config
 from jp_peft.export import parity
 from jp_peft.spec import METHODS, LoraSpec, StageSpec, TrainSpec
-from jp_peft.tracking import flops_per_token_fn
+from jp_peft.training.flops import model_flops_per_token
 
 pytestmark = pytest.mark.unit
 
@@ -89,7 +89,7 @@ def test_flops_follow_the_method(models):
     assert full == pytest.approx(6 * shape.frozen_linear_params() + 12 * shape.num_layers * seq * shape.hidden)
     for method in METHODS:  # what the hf backend's step metrics use
         stage = StageSpec(method=method, data=StageSpec().data.__class__(seq_length=seq))
-        assert flops_per_token_fn(models[method], stage) == method_flops_per_token(
+        assert model_flops_per_token(models[method], stage) == method_flops_per_token(
             shape, seq, method, LORA.rank, sorted(LORA.target_modules) if method != "full" else ())
 
 
@@ -98,7 +98,8 @@ def test_exports_follow_the_method_and_reproduce_the_trained_model(models, metho
     from transformers import AutoTokenizer
 
     model = models[method]
-    written = hf_methods.export(model, AutoTokenizer.from_pretrained(str(tiny_base)), str(tiny_base), tmp_path)
+    written = hf_methods.export(model, AutoTokenizer.from_pretrained(str(tiny_base)), str(tiny_base),
+                                tmp_path / "hf_adapter", tmp_path / "hf_merged")
     ids = parity.random_ids(model.config.vocab_size, length=32)
     with torch.no_grad():
         trained = model(input_ids=ids).logits.float()

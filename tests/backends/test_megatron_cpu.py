@@ -13,7 +13,7 @@ import inspect
 
 import pytest
 
-from jp_peft.backends import megatron_cpu
+from jp_peft.backends.megatron import cpu as megatron_cpu
 
 pytestmark = pytest.mark.unit
 
@@ -120,7 +120,7 @@ def test_imported_logits_equal_hf_only_with_the_norm_mapping(tiny_base, tmp_path
 
     script = f"""
 import sys, torch
-from jp_peft.backends import megatron_cpu
+from jp_peft.backends.megatron import cpu as megatron_cpu
 from jp_peft.export import parity
 from nemo.collections import llm
 megatron_cpu.enable()

@@ -60,7 +60,7 @@ def test_parameter_count_is_qwen25_05b_with_tied_embeddings():
 
 @pytest.mark.unit
 def test_the_flop_accounting_uses_the_same_shape():
-    from jp_peft.callbacks.flops import QWEN25_05B, shape_of_hf_config
+    from jp_peft.training.flops import QWEN25_05B, shape_of_hf_config
 
     assert shape_of_hf_config(bench.qwen25_05b_config()) == QWEN25_05B
 
@@ -118,7 +118,7 @@ def test_throughput_is_the_median_after_warmup_with_tflops_and_mfu():
 
 @pytest.mark.unit
 def test_lora_flops_and_mfu_at_the_target_throughput():
-    from jp_peft.callbacks.flops import QWEN25_05B, lora_flops_per_token
+    from jp_peft.training.flops import QWEN25_05B, lora_flops_per_token
     from jp_peft.spec import HF_LORA_TARGETS
 
     frozen = 24 * (2 * 896 * 896 + 2 * 896 * 128 + 3 * 896 * 4864) + 151936 * 896  # projections + LM head
@@ -202,7 +202,7 @@ FAKE_TOKENS_PER_S = {"megatron": 1000.0, "hf_backend": 300.0, "plain_hf_peft": 2
 def _fake_bench(tmp_path, monkeypatch, argv, oom=(), calls=None):
     """A Bench whose worker processes are replaced: a trial writes train_log rows (tokens/s = the
     configuration's rate x micro batch) or runs out of memory for the (config, micro) pairs in `oom`."""
-    from jp_peft import rundir
+    from jp_peft.records import layout as rundir
     from jp_peft.spec import experiment_from_dict
 
     args = bench.parse_args([*argv, "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "results")])

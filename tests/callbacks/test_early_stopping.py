@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from jp_peft.callbacks.early_stopping import EarlyStopping, PatienceRule
+from jp_peft.training.early_stopping import EarlyStopping, PatienceRule
 
 pytestmark = pytest.mark.unit
 
@@ -57,7 +57,7 @@ def test_callback_ends_the_stage_and_says_why_and_survives_a_resume():
 def test_megatron_reads_the_language_validation_history_and_ignores_the_base_row():
     """On Megatron the rows come from LanguageValidation (listed before this callback), checked after each
     step; its step-0 row measures the base model and must not count as the stage's first validation."""
-    from jp_peft.callbacks.language_validation import LanguageValidation
+    from jp_peft.backends.megatron.language_validation import LanguageValidation
 
     validation = LanguageValidation.__new__(LanguageValidation)
     validation.history = [{"trainer/global_step": 0, "val/ja_loss": 0.1}]  # a base far better than anything after

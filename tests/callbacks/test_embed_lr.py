@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from jp_peft.callbacks.embed_lr import EmbedLearningRate, is_embedding_or_output
+from jp_peft.backends.megatron.embed_lr import EmbedLearningRate, is_embedding_or_output
 
 pytestmark = pytest.mark.unit
 

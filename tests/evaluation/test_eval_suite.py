@@ -9,7 +9,7 @@ import pytest
 
 from jp_peft.evaluation.suite import check_suite, suite_problems
 from jp_peft.evaluation.summary import downstream_summary, format_downstream, primary_metric
-from jp_peft.experiment import resolve_spec
+from jp_peft.spec import resolve_spec
 from jp_peft.spec import SpecError, load_preset
 
 pytestmark = pytest.mark.unit
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _spec(tmp_path, *overrides):
-    return resolve_spec(load_preset(REPO / "recipes/configs/smoke.yaml"), [f"output_dir={tmp_path}", *overrides])
+    return resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", *overrides])
 
 
 def test_bundled_suite_of_the_smoke_preset_is_ready(tmp_path):

@@ -427,7 +427,7 @@ def test_nemo_canonical_lora_cannot_run_a_partial_group(megatron_cpu, monkeypatc
     NeMo fixed it and the mapping may allow CanonicalLoRA partial groups again."""
     from nemo.collections.llm import peft as nemo_peft
 
-    from jp_peft.lora_mapping import LoraMappingError, to_nemo_targets
+    from jp_peft.backends.megatron.lora_mapping import LoraMappingError, to_nemo_targets
 
     peft = nemo_peft.CanonicalLoRA(target_modules=["linear_q", "linear_v"], dim=2, alpha=4)
     wrapper, config = nemo_lora_model(peft, monkeypatch, heads=4, groups=2, seed=1)

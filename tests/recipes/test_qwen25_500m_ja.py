@@ -8,8 +8,8 @@ import nemo_run as run
 import pytest
 from nemo.collections import llm
 
-import recipes
-from recipes import qwen25_500m_ja as recipe
+import jp_peft.recipes as recipes
+from jp_peft.recipes import qwen25_500m_ja as recipe
 
 pytestmark = pytest.mark.unit
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 def all_factories():
     found = []
     for module_info in pkgutil.iter_modules(recipes.__path__):
-        module = importlib.import_module(f"recipes.{module_info.name}")
+        module = importlib.import_module(f"jp_peft.recipes.{module_info.name}")
         for name, fn in inspect.getmembers(module, inspect.isfunction):
             if fn.__module__ == module.__name__ and not name.startswith("_"):
                 found.append((module.__name__, name, fn))
@@ -72,7 +72,7 @@ def test_cpt_recipe_values():
     assert (cpt.optim.config.lr, cpt.optim.config.clip_grad, cpt.optim.lr_scheduler.warmup_steps) == (1e-4, 1.0, 100)
     assert (cpt.optim.config.bf16, cpt.optim.config.fp16) == (True, False)  # follows train.precision
     # Data: the base model's own tokenizer (no GPT-2 download), masks that survive a resume
-    from jp_peft.backends.megatron_data import ExactResumeGPTDataset
+    from jp_peft.backends.megatron.data import ExactResumeGPTDataset
 
     assert cpt.data.tokenizer.pretrained_model_name == "Qwen/Qwen2.5-0.5B"
     assert cpt.data.dataset_cls is ExactResumeGPTDataset
@@ -104,7 +104,7 @@ def test_sft_recipe_values():
 
 
 def test_overrides_and_parallel_layout_reach_the_recipe(tmp_path):
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import resolve_spec
     from jp_peft.spec import load_preset
 
     spec = resolve_spec(load_preset(recipe.PRESET), ["lora.target_modules=[q_proj,k_proj,v_proj]", "lora.rank=8",
@@ -121,8 +121,8 @@ def test_import_recipe_composes_nemos_import_with_a_model_to_build(tmp_path, mon
     import fiddle as fdl
     from nemo.lightning.io.mixin import ConnectorMixin
 
-    from jp_peft.backends import megatron
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.backends.megatron import compose as megatron
+    from jp_peft.spec import resolve_spec
     from jp_peft.spec import load_preset
 
     monkeypatch.setenv("NEMO_HOME", str(tmp_path))
@@ -138,7 +138,7 @@ def test_import_recipe_composes_nemos_import_with_a_model_to_build(tmp_path, mon
 
 def test_tiny_cpu_recipe_changes_only_size_and_device_fields():
     """--smoke --backend megatron: NVIDIA's recipe with the tiny model's shape and CPU device fields."""
-    from jp_peft.experiment import resolve_spec
+    from jp_peft.spec import resolve_spec
     from jp_peft.spec import load_preset
 
     smoke = resolve_spec(load_preset(recipe.PRESET.parent / "smoke.yaml"), ["backend=megatron", "cluster.accelerator=cpu"])
@@ -159,8 +159,9 @@ def test_tiny_cpu_recipe_changes_only_size_and_device_fields():
 
 
 def test_megatron_on_cpu_is_only_for_the_tiny_model():
-    from jp_peft.experiment import resolve_spec
-    from jp_peft.spec import SpecError, load_preset
+    from jp_peft.backends import backend_of
+    from jp_peft.spec import SpecError, load_preset, resolve_spec
 
+    spec = resolve_spec(load_preset(recipe.PRESET), ["cluster.accelerator=cpu"])  # a valid spec of fields ...
     with pytest.raises(SpecError, match="cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny"):
-        resolve_spec(load_preset(recipe.PRESET), ["cluster.accelerator=cpu"])
+        backend_of(spec).validate(spec)  # ... that the backend refuses when the experiment is planned

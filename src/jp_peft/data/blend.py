@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jp_peft.resources import expand_bundled
 from jp_peft.spec import BlendEntry, SpecError, build, load_blend
 
 
 def load_blend_entries(path: str, group_dir: str = "runs/qwen_lora_ja") -> list[BlendEntry]:
-    """The blend's entries with {group_dir} and {repo} filled in; SpecError names file, entry and key."""
-    repo = str(Path(__file__).resolve().parents[3])
+    """The blend's entries with {group_dir}, {bundled} and {repo} filled in; SpecError names file, entry and key."""
     entries = []
     for i, row in enumerate(load_blend(path)):
         where = f"{path}: datasets[{i}]"
@@ -24,9 +24,9 @@ def load_blend_entries(path: str, group_dir: str = "runs/qwen_lora_ja") -> list[
             raise SpecError(f"{where}: expected a mapping (name, weight, prefix), got {type(row).__name__}")
         row = dict(row)
         if isinstance(row.get("prefix"), str):
-            row["prefix"] = row["prefix"].replace("{group_dir}", group_dir).replace("{repo}", repo)
+            row["prefix"] = expand_bundled(row["prefix"].replace("{group_dir}", group_dir))
         if isinstance(row.get("source"), list):
-            row["source"] = [str(s).replace("{repo}", repo) for s in row["source"]]
+            row["source"] = [expand_bundled(str(s)) for s in row["source"]]
         # build() names an unknown key and suggests the known one ("wieght" -> "weight").
         entries.append(build(BlendEntry, row, where))
     return entries

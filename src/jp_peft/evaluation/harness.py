@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jp_peft.evaluation.tasks import PreparedTasks, check_available, prepared_tasks, sha256_file
-from jp_peft.rundir import write_json
+from jp_peft.records.layout import write_json
 
 RESULTS_FORMAT = 1
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

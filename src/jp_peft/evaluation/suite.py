@@ -2,7 +2,7 @@
 the base model and every trained stage's exported model scored on the same tasks (eval/results.json),
 and their greedy answers to the bundled prompts (eval/samples.jsonl).
 
-Called by the eval stage (jp_peft.stages) and, for the up-front check, by the launcher.
+Called by the eval stage (jp_peft.run.entry) and, for the up-front check, by the launcher.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jp_peft import rundir
+from jp_peft.records import layout as rundir
 from jp_peft.evaluation.summary import BASE, downstream_summary, task_score
 from jp_peft.spec import TRAINED_STAGES, ExperimentSpec, SpecError
 

@@ -1,5 +1,5 @@
 """The downstream summary of an experiment's eval/results.json: one score per task, the Japanese and
-English averages of every model, and the gain/forgetting against base (jp_peft.metrics owns the formula).
+English averages of every model, and the gain/forgetting against base (jp_peft.records.metrics owns the formula).
 
 Light on purpose (no lm-eval, no torch): the eval stage, the printed table and `jp-peft compare` read it.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from statistics import fmean
 from typing import Any
 
-from jp_peft.metrics import downstream_forgetting, downstream_gain
+from jp_peft.records.metrics import downstream_forgetting, downstream_gain
 
 BASE = "base"
 # The metric a task is scored by: accuracy where the task has it (every multiple-choice task), else the

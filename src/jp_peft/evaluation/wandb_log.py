@@ -15,7 +15,7 @@ SUMMARY_KEYS = ("ja_avg", "en_avg", "ja_gain", "en_forgetting")
 def log_eval(exp: ExperimentSpec, results: dict[str, Any] | None, summary: dict[str, Any] | None,
              samples: list[dict[str, Any]] | None) -> None:
     """`results`: eval/results.json's record; `summary`: its downstream_summary; `samples`: samples.jsonl rows."""
-    from jp_peft.callbacks.wandb_run import wandb_stage_run
+    from jp_peft.training.wandb_run import wandb_stage_run
 
     if summary is None and samples is None:
         return

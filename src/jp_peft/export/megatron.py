@@ -58,7 +58,7 @@ def load_trained_embeddings(checkpoint: Path, trainer) -> list[str]:
     would carry the base's embeddings. Returns the keys loaded; raises if the checkpoint holds none."""
     from nemo.lightning.io.pl import ckpt_to_weights_subdir
 
-    from jp_peft.callbacks.embed_lr import is_embedding_or_output
+    from jp_peft.backends.megatron.embed_lr import is_embedding_or_output
 
     weights_dir = ckpt_to_weights_subdir(checkpoint, is_saving=False)
     metadata = trainer.strategy.unwrapped_checkpoint_io.load_content_metadata(weights_dir)

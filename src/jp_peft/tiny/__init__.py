@@ -1,4 +1,4 @@
-"""The embedded default model: a tiny Qwen2 and its tokenizer, built from files in the repo.
+"""The embedded default model: a tiny Qwen2 and its tokenizer, built from the bundled samples.
 
 The build is deterministic and cached: `ensure_tiny_base()` returns the directory of a
 Hugging Face model (config, safetensors, tokenizer) that later runs reuse.
@@ -14,8 +14,9 @@ import random
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DATA_DIR = REPO_ROOT / "data"
+from jp_peft.resources import bundled
+
+DATA_DIR = bundled("data")
 # Files the tokenizer and the base model are trained on (train splits only: validation
 # files stay unseen so that perplexities measured on them are honest).
 TOKENIZER_FILES = ("ja/cpt.train.jsonl", "en/replay.train.jsonl", "ja/sft_alpaca.train.jsonl")

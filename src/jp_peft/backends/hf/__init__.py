@@ -1,0 +1,30 @@
+"""The Hugging Face backend: transformers + peft + Lightning, on CPU or one GPU (stages.py runs it)."""
+
+from __future__ import annotations
+
+from jp_peft.backends import Backend
+from jp_peft.spec.fields import SpecError
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def validate(self, spec) -> None:
+        if spec.cluster.world_size != 1:
+            raise SpecError(f"cluster: the hf backend trains on one device (num_nodes x gpus_per_node = "
+                            f"{spec.cluster.world_size}); use --backend megatron for several")
+
+    def train(self, spec, stage, recipe=None):
+        from jp_peft.backends.hf.stages import train
+
+        return train(spec, stage)
+
+    def export(self, spec, stage):
+        from jp_peft.backends.hf.stages import export
+
+        return export(spec, stage)
+
+    def checkpoints(self, spec, stage):
+        from jp_peft.records import layout
+
+        return layout.trainer_checkpoints(spec, stage)

@@ -1,0 +1,71 @@
+"""The NeMo Megatron backend: NVIDIA's nemo.collections.llm objects (compose.py, composed further by the
+recipes in jp_peft.recipes), run by stages.py; cpu.py gets NeMo's Megatron path past its CUDA assumptions
+for the embedded tiny model."""
+
+from __future__ import annotations
+
+from jp_peft.backends import ONE_PROCESS, Backend, LaunchNeeds
+from jp_peft.spec.fields import SpecError
+from jp_peft.spec.stages import IMPORT, TRAIN, stage as stage_row
+
+NEEDS_CUDA = ("error: the NeMo Megatron backend needs a CUDA GPU and none was found on this machine.\n"
+              "  try the whole pipeline on CPU:        python experiments/qwen_lora_ja.py --smoke\n"
+              "  NeMo's Megatron path on the tiny model: python experiments/qwen_lora_ja.py --smoke --backend megatron\n"
+              "  train with Hugging Face on this box:  python experiments/qwen_lora_ja.py --backend hf "
+              "--hf-model /path/to/Qwen2.5-0.5B\n"
+              "  see what would run on a GPU:          python experiments/qwen_lora_ja.py --dryrun\n"
+              "  or submit to a GPU cluster:           python experiments/qwen_lora_ja.py --executor slurm "
+              "--slurm-profile <profile>")
+
+
+class MegatronBackend(Backend):
+    name = "megatron"
+
+    def validate(self, spec) -> None:
+        if spec.cluster.accelerator == "cpu":
+            if not spec.model.tiny:
+                raise SpecError("cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny "
+                                "model (--smoke); a real model needs a GPU, or --backend hf")
+            if spec.cluster.world_size != 1:
+                raise SpecError("cluster: the Megatron backend on CPU runs one process (num_nodes=1, gpus_per_node=1)")
+        # LoRA targets NeMo cannot train are refused before anything is queued
+        from jp_peft.backends.megatron.lora_mapping import to_nemo_targets
+
+        to_nemo_targets(spec.lora.target_modules)
+
+    def local_overrides(self, smoke: bool, has_cuda: bool) -> list[str]:
+        """--smoke without a GPU: NeMo's Megatron path on CPU (the embedded tiny model only)."""
+        return ["cluster.accelerator=cpu"] if smoke and not has_cuda else []
+
+    def cannot_run_here(self, smoke: bool, has_cuda: bool) -> str | None:
+        return None if has_cuda or smoke else NEEDS_CUDA
+
+    def composes(self, stage: str) -> bool:
+        # import (llm.import_ckpt) and the trained stages (llm.finetune) are NeMo recipes
+        return stage_row(stage).kind in (IMPORT, TRAIN)
+
+    def launch_needs(self, spec, stage: str) -> LaunchNeeds:
+        if stage_row(stage).kind != TRAIN:
+            return ONE_PROCESS
+        return LaunchNeeds(nodes=spec.cluster.num_nodes, processes_per_node=spec.cluster.gpus_per_node,
+                           distributed=True, on_cpu=spec.cluster.accelerator == "cpu")
+
+    def import_model(self, spec, hf_dir, recipe):
+        from jp_peft.backends.megatron.stages import import_model
+
+        return import_model(spec, hf_dir, recipe)
+
+    def train(self, spec, stage, recipe):
+        from jp_peft.backends.megatron.stages import train
+
+        return train(spec, stage, recipe)
+
+    def export(self, spec, stage):
+        from jp_peft.backends.megatron.stages import export
+
+        return export(spec, stage)
+
+    def checkpoints(self, spec, stage):
+        from jp_peft.records import layout
+
+        return layout.nemo_checkpoints(spec, stage)

@@ -1,0 +1,1 @@
+"""Running an experiment: plan, the stage entry point, local and Slurm launch, locks, status."""

@@ -1,0 +1,385 @@
+"""Plan, build and launch an experiment on the local or Slurm executor, then report.
+
+Used by experiments/qwen_lora_ja.py; separate from it so that everything a NeMo-Run task
+points at is importable from the installed package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from jp_peft.records import layout as rundir
+from jp_peft.run.plan import PlannedTask, add_tasks, new_experiment, plan
+from jp_peft.backends import backend_of
+from jp_peft.spec.stages import EVAL, TRAINED_STAGES as TRAINING, stage as stage_row
+
+
+def task_record(task: PlannedTask) -> Path:
+    """What a task leaves behind when it finished: the launcher's proof of success."""
+    return rundir.stage_record(task.spec, task.stage, task.target)
+
+
+def executor_factory(kind: str, profile_name, base_dir: Path):
+    """`profile_name`: a name or path of slurm/*.yaml, or an already loaded SlurmProfile."""
+    from jp_peft.run.executors import SlurmProfile, load_profile, local_executor, slurm_executor
+
+    if kind == "local":
+        def for_task(task: PlannedTask):
+            needs = backend_of(task.spec).launch_needs(task.spec, task.stage)
+            # torchrun for distributed ranks on GPUs; NeMo's CPU tier is one process, which NeMo sets up by itself
+            # and a stop reaches directly (torchrun would stand between the signal and NeMo's preemption save)
+            return local_executor(devices=needs.processes_per_node, torchrun=needs.distributed and not needs.on_cpu)
+        return for_task
+
+    profile = profile_name if isinstance(profile_name, SlurmProfile) else load_profile(profile_name)
+
+    def for_task(task: PlannedTask):
+        needs = backend_of(task.spec).launch_needs(task.spec, task.stage)
+        if needs.distributed:
+            return slurm_executor(profile, str(base_dir / "experiments"), torchrun=True, nodes=needs.nodes,
+                                  gpus_per_node=needs.processes_per_node, on_cpu=needs.on_cpu)
+        # one-process stages (hf training and the light stages): one node, one task (one GPU if the partition has them)
+        gpus = min(profile.gpus_per_node, 1)
+        return slurm_executor(profile, str(base_dir / "experiments"), torchrun=False, nodes=1, gpus_per_node=gpus)
+    return for_task
+
+
+def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None, *, executor: str,
+           profile: str, dryrun: bool, wait: bool, overwrite: bool = False) -> int:
+    from jp_peft.run.locks import RunLocks, check_reuse, start_over
+
+    tasks = plan(values, overrides, sweep, stages)
+    first = tasks[0].spec
+    specs = list({t.spec.run_dir: t.spec for t in tasks}.values())
+    restart = check_reuse(specs, overwrite)  # a different spec is refused before anything starts
+    check_eval_tasks(specs, dryrun)
+    print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")
+    for task in tasks:
+        after = f" after {', '.join(task.depends_on)}" if task.depends_on else ""
+        print(f"  {task.name}{after}")
+    if dryrun:
+        return show_dryrun(tasks, executor, profile)
+    check_output_dir(first)
+    with RunLocks(specs):
+        for spec in restart:
+            print(f"--overwrite: starting {spec.run_dir} over")
+            start_over(spec)
+        base_dir = rundir.launches_dir(first)
+        base_dir.mkdir(parents=True, exist_ok=True)
+        for spec in specs:  # the resolved spec, for reruns and comparison
+            rundir.write_json(rundir.spec_file(spec), spec.to_dict())
+        if executor == "local":
+            return run_local(tasks, executor_factory("local", profile, base_dir), base_dir)
+        exp = new_experiment(first.group_name, base_dir)
+        with exp:
+            add_tasks(exp, tasks, executor_factory(executor, profile, base_dir))
+            started = time.perf_counter()
+            exp.run(sequential=False, detach=True, tail_logs=False)
+        return follow_slurm(tasks, specs, exp, wait, started)
+
+
+def check_eval_tasks(specs, dryrun: bool) -> None:
+    """Every eval stage's tasks are known and have their data, before anything starts: a launch is refused
+    (one line per task, naming the field and how to provide the data), a dry run shows the lines as warnings
+    (it runs nothing, and a cluster's data directory may only exist where the jobs run)."""
+    from jp_peft.evaluation.suite import suite_problems
+    from jp_peft.spec import SpecError
+
+    problems = list(dict.fromkeys(line for spec in specs for line in suite_problems(spec)))
+    if problems and not dryrun:
+        raise SpecError("\n".join(problems))
+    for line in problems:
+        print(f"warning: the eval stage would fail: {line}", file=sys.stderr)
+
+
+def check_output_dir(spec) -> None:
+    """A file where a directory belongs, or a directory we cannot write: say so before anything starts."""
+    from jp_peft.spec import SpecError
+
+    out = Path(spec.output_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise SpecError(f"--output-dir: {existing} is a file, not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"--output-dir: {existing} is not writable")
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached the launcher."""
+
+
+def run_local(tasks: list[PlannedTask], executor_for, base_dir: Path) -> int:
+    """The local executor, one task at a time in dependency order (a local machine's GPUs are shared by
+    every task, so tasks of one level would only compete). A failed task stops the tasks that depend on
+    it; Ctrl-C or SIGTERM stops the running task (it saves a checkpoint at the end of its step) and
+    starts no other."""
+    import signal
+
+    from torchx.schedulers.local_scheduler import SignalException
+
+    outcome: dict[str, str] = {}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = time.perf_counter()
+    try:
+        for task in tasks:
+            failed_deps = [d for d in task.depends_on if outcome.get(d) != "done"]
+            if failed_deps:
+                outcome[task.name] = "not started"
+                print(f"NOT STARTED: {task.name}: {', '.join(failed_deps)} did not finish", file=sys.stderr)
+                continue
+            outcome[task.name] = run_one(task, executor_for, base_dir)
+    except (Interrupted, KeyboardInterrupt, SignalException) as exc:
+        running = next((t for t in tasks if t.name not in outcome), None)
+        if running is not None:
+            outcome[running.name] = "interrupted"
+        print(f"\ninterrupted ({exc or type(exc).__name__}): {running.name if running else 'nothing'} was stopped"
+              + (" (a training stage saved a checkpoint at the end of its step)" if running and running.stage in TRAINING
+                 else "") + "; no further stage was started.\nResume with the same command: finished stages are "
+              "kept, unfinished ones continue from their checkpoints.", file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return report_local(tasks, outcome, time.perf_counter() - started)
+
+
+def run_one(task: PlannedTask, executor_for, base_dir: Path) -> str:
+    """Run one task through NeMo-Run's local executor and wait; "done" only if it wrote a current record."""
+    import signal
+
+    from jp_peft.run.plan import task_config
+    from jp_peft.records.fingerprint import finished_earlier, fingerprint
+
+    exp = new_experiment(task.name, base_dir, quiet=True)
+    watcher = ProgressWatcher(task)
+
+    def stop(signum, frame):
+        # Stop the task here, in the handler: the exception below unwinds through NeMo-Run's thread pool,
+        # which waits for the task. torchx sends SIGTERM to the task's process group (the stage saves at the
+        # end of its step and exits), SIGKILL after 10 s.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cancellation short
+        exp.cancel(task.name)
+        raise Interrupted(signal.Signals(signum).name)
+
+    print(f"[jp-peft] {task.name}: started", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    watcher.start()
+    try:
+        with exp:  # leaving the block waits for the task
+            exp.add(task_config(task), executor=executor_for(task), name=task.name, tail_logs=False)
+            exp.run(sequential=True, detach=False, tail_logs=False)
+            for sig in (signal.SIGINT, signal.SIGTERM):  # torchx's scheduler put in handlers of its own
+                signal.signal(sig, stop)
+    finally:
+        watcher.stop()
+    record = task_record(task)
+    if stage_row(task.stage).shared:  # idempotent by themselves: a record written by this attempt
+        ok = record.exists() and record.stat().st_mtime >= watcher.started_at
+    else:
+        ok = finished_earlier(record, fingerprint(task.spec, task.stage))
+    print(f"[jp-peft] {task.name}: {'done' if ok else 'FAILED'} after {time.time() - watcher.started_at:.0f} s", flush=True)
+    if not ok:
+        log = task_log(exp, task)
+        print(f"FAILED: {task.name}: {record} was not written; log: {log}", file=sys.stderr)
+        print(last_lines(log), file=sys.stderr)
+    return "done" if ok else "failed"
+
+
+def last_lines(log: str, n: int = 20) -> str:
+    path = Path(log)
+    if not path.is_file():
+        return "  (no log file)"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join("  | " + line for line in lines[-n:])
+
+
+class ProgressWatcher:
+    """The launcher's view of a running stage: one line per new training step (step/max_steps, loss,
+    tokens/s, ETA) from the stage's train_log.jsonl, and a heartbeat for the other stages."""
+
+    def __init__(self, task: PlannedTask, every_s: float = 2.0):
+        import threading
+
+        self.task, self.every_s = task, every_s
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    @staticmethod
+    def _say(line: str) -> None:
+        # the real stdout: NeMo-Run's live display captures sys.stdout while it waits for the task
+        print(line, file=sys.__stdout__, flush=True)
+
+    def _run(self) -> None:
+        from jp_peft.records.progress import latest_progress
+
+        spec, stage = self.task.spec, self.task.stage
+        log = rundir.train_log(spec, stage) if stage in TRAINING else None
+        shown, last_beat = 0, time.time()
+        while not self._stop.wait(self.every_s):
+            latest = latest_progress(log, f"{self.task.name}:", spec.stage(stage).train.max_steps,
+                                     since=self.started_at) if log is not None else None
+            if latest is not None and latest[0] != shown:
+                shown = latest[0]
+                self._say(latest[1])
+                last_beat = time.time()
+            if time.time() - last_beat >= 30:
+                self._say(f"[jp-peft] {self.task.name}: running ({time.time() - self.started_at:.0f} s)")
+                last_beat = time.time()
+
+
+def report_local(tasks: list[PlannedTask], outcome: dict[str, str], seconds: float) -> int:
+    print_summaries(tasks)
+    done = sum(1 for t in tasks if outcome.get(t.name) == "done")
+    print(f"{done}/{len(tasks)} tasks finished in {seconds:.0f} s")
+    return 0 if done == len(tasks) else (130 if "interrupted" in outcome.values() else 1)
+
+
+def print_summaries(tasks: list[PlannedTask]) -> None:
+    from jp_peft.run.summary import format_summary
+
+    for spec in {t.spec.run_dir: t.spec for t in tasks if stage_row(t.stage).kind == EVAL}.values():
+        summary_path = rundir.summary_file(spec)
+        if summary_path.exists():
+            print(format_summary(json.loads(summary_path.read_text(encoding="utf-8"))))
+            print(f"  metrics: {spec.run_dir}/<stage>/metrics.json; W&B: {spec.run_dir / 'wandb'}")
+
+
+def follow_slurm(tasks: list[PlannedTask], specs, exp, wait: bool, started: float) -> int:
+    """Print each task's job id and log; with --wait, follow them to the end (scontrol, no sacct needed)."""
+    from jp_peft.run.locks import record_jobs
+    from jp_peft.run.slurm_jobs import job_id_of, wait_for
+
+    jobs = {job.id: job_id_of(job.handle) for job in exp.jobs}
+    record_jobs(specs, jobs)
+    for job in exp.jobs:
+        print(f"  {job.id}: slurm job {jobs[job.id]}, log {job.executor.job_details.stdout}")
+    if not wait:
+        print("submitted; follow with `squeue`, or rerun with --wait")
+        return 0
+    def said_cancelled(names: list[str]) -> None:
+        print(f"cancelled {', '.join(names)}: a job they depend on failed, so they could never start", file=sys.stderr)
+
+    states = wait_for(jobs, on_poll=slurm_progress_printer(tasks), depends_on={t.name: t.depends_on for t in tasks},
+                      on_cancel=said_cancelled)
+    for job in exp.jobs:
+        state, reason = states[job.id]
+        if state != "COMPLETED":
+            print(f"FAILED: {job.id}: {state} ({reason}); log: {job.executor.job_details.stdout}", file=sys.stderr)
+    return report(tasks, exp, time.perf_counter() - started)
+
+
+def slurm_progress_printer(tasks: list[PlannedTask]):
+    """For --wait: a function that prints each training job's newest progress line once (the same line
+    a local launch shows, read from the stage's train_log.jsonl on the shared filesystem)."""
+    from jp_peft.records.progress import latest_progress
+
+    since, shown = time.time(), {}
+
+    def print_new() -> None:
+        for task in tasks:
+            if task.stage in TRAINING:
+                latest = latest_progress(rundir.train_log(task.spec, task.stage), f"{task.name}:",
+                                         task.spec.stage(task.stage).train.max_steps, since=since)
+                if latest is not None and shown.get(task.name) != latest[0]:
+                    shown[task.name] = latest[0]
+                    print(latest[1], flush=True)
+
+    return print_new
+
+
+def report(tasks: list[PlannedTask], exp, seconds: float) -> int:
+    failed = [t for t in tasks if not task_record(t).exists()]
+    for task in failed:
+        print(f"FAILED: {task.name}: {task_record(task)} was not written; log: {task_log(exp, task)}",
+              file=sys.stderr)
+    print_summaries(tasks)
+    print(f"{len(tasks) - len(failed)}/{len(tasks)} tasks finished in {seconds:.0f} s")
+    return 1 if failed else 0
+
+
+def task_log(exp, task: PlannedTask) -> str:
+    job_dir = Path(exp._exp_dir) / task.name
+    logs = sorted(job_dir.glob("**/*log*")) if job_dir.exists() else []
+    return str(logs[0]) if logs else str(job_dir)
+
+
+def render_sbatch_scripts(tasks: list[PlannedTask], profile, base_dir: Path | None = None) -> dict[str, str]:
+    """The sbatch script NeMo-Run would submit for each task, keyed by task name (a dry run; nothing
+    is submitted). NeMo-Run writes the scripts under `base_dir` (default: the run's launches dir)."""
+    first = tasks[0].spec
+    base_dir = base_dir or rundir.launches_dir(first)
+    exp = new_experiment(first.group_name, base_dir)
+    with exp:
+        add_tasks(exp, tasks, executor_factory("slurm", profile, base_dir))
+        exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
+        scripts = {}
+        for job in exp.jobs:
+            path = Path(exp._exp_dir) / f"{job.executor.job_name}_sbatch.sh"
+            scripts[job.id] = path.read_text(encoding="utf-8")
+    return scripts
+
+
+def show_dryrun(tasks: list[PlannedTask], executor: str, profile) -> int:
+    """Every task's composed configuration (for Megatron stages the whole NeMo recipe: llm.finetune,
+    model config, LoRA, data module, trainer, strategy, optimizer, logger, resume) and its executor.
+    Writes nothing under the run directories: a finished run stays as it is."""
+    import tempfile
+
+    from jp_peft.run.plan import task_config
+
+    with tempfile.TemporaryDirectory(prefix="jp-peft-dryrun-") as scratch:
+        executor_for = executor_factory(executor, profile, Path(scratch))
+        for task in tasks:
+            print(f"\n=== {task.name} ({task.stage}{' ' + task.target if task.target else ''}) ===")
+            print(format_config(task_config(task)))
+            print(f"executor: {executor_for(task)!r}")
+        if executor == "slurm":  # what sbatch would receive, rendered in the scratch dir
+            for name, script in render_sbatch_scripts(tasks, profile, Path(scratch) / "sbatch").items():
+                print(f"\n=== {name}: sbatch script ===\n{script}")
+    return 0
+
+
+def format_config(config) -> str:
+    """A NeMo-Run Config/Partial tree as indented text, one field per line, never wrapped."""
+    import fiddle as fdl
+
+    def render(node, indent: int) -> list[str]:
+        pad = "  " * indent
+        if isinstance(node, fdl.Buildable):
+            target = fdl.get_callable(node)
+            kind = "Partial" if isinstance(node, fdl.Partial) else "Config"
+            lines = [f"{kind}[{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}]"]
+            for name, value in fdl.ordered_arguments(node).items():
+                sub = render(value, indent + 1)
+                lines.append(f"{pad}  {name} = {sub[0]}")
+                lines += sub[1:]
+            return lines
+        if isinstance(node, (list, tuple)) and any(isinstance(v, fdl.Buildable) for v in node):
+            lines = ["["]
+            for value in node:
+                sub = render(value, indent + 1)
+                lines.append(f"{pad}  - {sub[0]}")
+                lines += sub[1:]
+            return lines + [f"{pad}]"]
+        if isinstance(node, dict) and len(repr(node)) > 100:  # the spec: one key per line
+            lines = ["{"]
+            for key, value in node.items():
+                lines.append(f"{pad}  {key!r}: {value!r}")
+            return lines + [f"{pad}}}"]
+        return [repr(node)]
+
+    return "\n".join(render(config, 0))
