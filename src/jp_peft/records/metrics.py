@@ -18,6 +18,47 @@ from typing import Any
 
 from jp_peft.records.layout import MissingRecord, read_json, write_json
 
+# The keys of a stage's train_log.jsonl rows (one per optimizer step, one per validation) and of its W&B
+# history: both backends write them through this module, compare and status read them.
+STEP = "trainer/global_step"
+TRAIN_LOSS = "train/loss"
+STEP_TIME = "perf/step_time_s"
+TOKENS_PER_S = "perf/tokens_per_s"
+CONSUMED_TOKENS = "perf/consumed_tokens"
+LANGUAGES = ("ja", "en")  # held-out sets: the Japanese gain, the English forgetting
+
+
+def val_loss_key(lang: str) -> str:
+    return f"val/{lang}_loss"
+
+
+def val_ppl_key(lang: str) -> str:
+    return f"val/{lang}_ppl"
+
+
+def validation_row(step: int, losses: dict[str, float], baseline: dict[str, float] | None) -> dict[str, Any]:
+    """One validation's row: each language's loss and perplexity and, against the starting model's
+    losses, the Japanese gain and the English forgetting as fractions of its perplexity."""
+    row: dict[str, Any] = {STEP: step}
+    for lang, loss in losses.items():
+        row[val_loss_key(lang)] = loss
+        row[val_ppl_key(lang)] = math.exp(loss)
+    if baseline and "ja" in baseline and "ja" in losses:
+        row["val/ja_ppl_gain"] = gain_fraction(math.exp(baseline["ja"]), math.exp(losses["ja"]))
+    if baseline and "en" in baseline and "en" in losses:
+        row["val/en_ppl_forgetting"] = forgetting_fraction(math.exp(baseline["en"]), math.exp(losses["en"]))
+    return row
+
+
+def read_train_log(path: Path) -> list[dict[str, Any]]:
+    """Every row of a train_log.jsonl (steps and validations), in order."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def step_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in rows if TRAIN_LOSS in row]
+
 
 @dataclass(frozen=True)
 class StageMetrics:
@@ -110,14 +151,25 @@ def read_stage_metrics(path: Path) -> StageMetrics:
     return StageMetrics(**{k: v for k, v in values.items() if k in _FIELDS})
 
 
+def gain_fraction(before: float, after: float) -> float:
+    """Japanese gain: how much lower the perplexity is than the starting model's, as a fraction of it.
+    The one formula: validation rows, metrics, the summary and compare all come here."""
+    return (before - after) / before
+
+
+def forgetting_fraction(before: float, after: float) -> float:
+    """English forgetting: how much higher the perplexity is than the starting model's, as a fraction of it."""
+    return (after - before) / before
+
+
 def relative_gain(before: float, after: float) -> float:
-    """Japanese gain in percent: how much lower the perplexity is than the starting model's."""
-    return 100.0 * (before - after) / before
+    """Japanese gain in percent (gain_fraction x 100)."""
+    return 100.0 * gain_fraction(before, after)
 
 
 def relative_forgetting(before: float, after: float) -> float:
-    """English forgetting in percent: how much higher the perplexity is than the starting model's."""
-    return 100.0 * (after - before) / before
+    """English forgetting in percent (forgetting_fraction x 100)."""
+    return 100.0 * forgetting_fraction(before, after)
 
 
 def downstream_gain(base_avg: float | None, avg: float | None) -> float | None:

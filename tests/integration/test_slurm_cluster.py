@@ -13,7 +13,7 @@ import pytest
 
 from jp_peft.run.slurm_jobs import job_info, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slurm
 EXPERIMENT = [sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "slurm", "--slurm-profile", "local"]
 SHORT = ["cpt.train.max_steps=8", "cpt.train.val_check_interval=4", "cpt.train.limit_val_batches=2",

@@ -20,7 +20,7 @@ import pytest
 from jp_peft.records.metrics import read_stage_metrics
 
 pytestmark = pytest.mark.megatron_cpu
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_VOCAB, TINY_HIDDEN = 2048, 192
 
 

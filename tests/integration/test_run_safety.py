@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = [sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "local", "--smoke"]
 SHORT = ["--stages", "import,data,cpt", "cpt.train.max_steps=4", "cpt.train.warmup_steps=1", "cpt.train.val_check_interval=2",
          "cpt.train.limit_val_batches=2", "cpt.train.ckpt_every_n_steps=2", "--no-wandb"]

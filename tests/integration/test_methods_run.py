@@ -13,7 +13,7 @@ from jp_peft.spec import resolve_spec
 from jp_peft.spec import load_preset
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _spec(run_dir: Path, name: str, tmp: Path, *overrides: str) -> Path:

@@ -20,7 +20,7 @@ from jp_peft.run.plan import plan
 from jp_peft.run.launch import render_sbatch_scripts
 from jp_peft.spec import load_preset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
 pytestmark = pytest.mark.slurm
 PREPARED = ["cpt.data.blend=[{name: ja, weight: 1.0, prefix: {ROOT}/data/ja_web_text_document}]",

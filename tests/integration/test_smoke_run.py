@@ -19,7 +19,7 @@ from jp_peft.spec import resolve_spec
 from jp_peft.spec import load_preset
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 METRIC_KEYS = ("steps", "train_loss_first", "train_loss_last", "val_loss_ja", "val_ppl_ja", "val_loss_en", "val_ppl_en",
                "base_val_ppl_ja", "base_val_ppl_en", "tokens_per_second", "trainable_params", "total_params",
                "wall_seconds")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slurm
 # Run-specific fields of the report: everything else must be equal between executors.
 RUN_FIELDS = {"seconds", "docs_per_second", "mb_per_second", "workers", "executor", "task_seconds", "outputs",

@@ -21,7 +21,7 @@ from jp_peft.records.metrics import read_stage_metrics
 from megatron_tier import MEGATRON_OVERRIDES, megatron_experiment as _experiment
 
 pytestmark = pytest.mark.megatron_cpu
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = {"cpt": 16, "sft": 10}  # megatron_tier.MEGATRON_OVERRIDES: the megatron_run fixture's steps
 OVERRIDES = MEGATRON_OVERRIDES
 
