@@ -22,15 +22,23 @@ def step_seed(seed: int, pipeline_rank: int, step: int) -> int:
 
 
 class StepSeed(pl.Callback):
-    def __init__(self, seed: int):
-        self.seed = seed
+    """Seeds torch's generator at the start of every optimizer step from (seed, pipeline rank, step).
+
+    `megatron=True` (the Megatron backend) also takes the pipeline rank from megatron-core and seeds its
+    tensor-parallel CUDA tracker; the hf backend has one pipeline stage (rank 0)."""
+
+    def __init__(self, seed: int, megatron: bool = False):
+        self.seed, self.megatron = seed, megatron
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from megatron.core import parallel_state
+        pipeline_rank = 0
+        if self.megatron:
+            from megatron.core import parallel_state
 
-        value = step_seed(self.seed, parallel_state.get_pipeline_model_parallel_rank(), trainer.global_step)
+            pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()
+        value = step_seed(self.seed, pipeline_rank, trainer.global_step)
         torch.manual_seed(value)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self.megatron and torch.cuda.is_available() and torch.cuda.is_initialized():
             from megatron.core import tensor_parallel
 
             tensor_parallel.model_parallel_cuda_manual_seed(value)  # the tensor-parallel tracker too

@@ -159,7 +159,7 @@ def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
     log = str(rundir.train_log(spec, stage))
     ratio = embed_lr_ratio(spec, stage)
     return [
-        run.Config(StepSeed, seed=train.seed),
+        run.Config(StepSeed, seed=train.seed, megatron=True),
         *([run.Config(EmbedLearningRate, ratio=ratio)] if ratio is not None else []),
         run.Config(MegatronStepMetrics, log_path=log, tokens_per_step=train.global_batch_size * data.seq_length,
                    flops_per_token=flops, stage=stage, method=stage_spec.method),
