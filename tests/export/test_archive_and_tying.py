@@ -1,4 +1,4 @@
-"""The .nemo archive round-trips byte for byte; merged exports keep the trained output layer."""
+"""The .nemo archive round-trips byte for byte and refuses what is not a checkpoint."""
 
 import json
 import tarfile
@@ -6,7 +6,6 @@ import tarfile
 import pytest
 import torch
 
-from jp_peft.export.megatron import fix_tied_embeddings
 from jp_peft.export.nemo_archive import ArchiveError, verify_nemo_archive, write_nemo_archive
 
 pytestmark = pytest.mark.unit
@@ -42,22 +41,3 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ArchiveError, match="missing or empty context/"):
         write_nemo_archive(tmp_path / "x", tmp_path / "x.nemo")
     assert not (tmp_path / "x.nemo").exists()
-
-
-def test_untied_output_layer_survives_the_export(tmp_path):
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight))
-    model.save_pretrained(tmp_path)
-    # what an exporter copying HF Qwen2.5-0.5B's config would write: "tied", with a separate lm_head
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["tie_word_embeddings"] = True
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert fix_tied_embeddings(tmp_path) is True
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
-    assert fix_tied_embeddings(tmp_path) is False  # now consistent

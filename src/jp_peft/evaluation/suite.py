@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from jp_peft.records import layout as rundir
+from jp_peft.records.export_record import ExportRecord, stage_result_hf
 from jp_peft.evaluation.summary import BASE, downstream_summary, task_score
-from jp_peft.spec import TRAINED_STAGES, ExperimentSpec, SpecError
+from jp_peft.spec import ExperimentSpec, SpecError
 
 SUITE_FORMAT = 1
 DATA_DIR_OPTION = "eval.data_dir=DATA_DIR"
@@ -72,7 +73,7 @@ def suite_tasks(exp: ExperimentSpec) -> tuple[list[str], list[str]]:
 def models_to_score(exp: ExperimentSpec) -> list[tuple[str, str]]:
     """(name, Hugging Face model dir): base, then each trained stage of the spec (its merged export)."""
     models = [(BASE, rundir.base_model_dir(exp))]
-    return models + [(stage, rundir.stage_result_hf(exp, stage)) for stage in TRAINED_STAGES if stage in exp.stages]
+    return models + [(stage, stage_result_hf(exp, stage)) for stage in exp.trained_stages]
 
 
 def _adapter_of(exp: ExperimentSpec, stage: str) -> dict[str, Any]:
@@ -80,8 +81,8 @@ def _adapter_of(exp: ExperimentSpec, stage: str) -> dict[str, Any]:
     record = rundir.export_record(exp, stage)
     if not record.exists():
         return {"adapter": str(rundir.hf_adapter(exp, stage)), "adapter_base": None}
-    exported = rundir.read_json(record, f"eval of {stage}")
-    return {"adapter": exported.get("hf_adapter"), "adapter_base": exported.get("adapter_base")}
+    exported = ExportRecord.read(record, f"eval of {stage}")
+    return {"adapter": exported.hf_adapter, "adapter_base": exported.adapter_base}
 
 
 def run_suite(exp: ExperimentSpec, log: Callable[[str], None] = print) -> dict[str, Any] | None:

@@ -3,34 +3,8 @@ merging a NeMo LoRA checkpoint into its base, and the tied-embedding check of an
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-
-
-def fix_tied_embeddings(hf_dir: Path) -> bool:
-    """NeMo's Qwen25Config500M keeps a separate output layer; HF's Qwen2.5-0.5B ties it to the
-    embeddings. If the exported config says tied but the weights differ, untie it in the config
-    and keep lm_head, so the model loads with the weights that were trained. Returns True if fixed."""
-    from safetensors import safe_open
-
-    config_path = hf_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    lm_head = embed = None
-    for shard in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            keys = set(f.keys())
-            if "lm_head.weight" in keys:
-                lm_head = f.get_tensor("lm_head.weight")
-            if "model.embed_tokens.weight" in keys:
-                embed = f.get_tensor("model.embed_tokens.weight")
-    if not config.get("tie_word_embeddings") or lm_head is None or embed is None:
-        return False
-    if lm_head.shape == embed.shape and bool((lm_head == embed).all()):
-        return False
-    config["tie_word_embeddings"] = False
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return True
 
 
 def peft_trains_embeddings(peft) -> bool:

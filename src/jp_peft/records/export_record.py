@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jp_peft.records.layout import MissingRecord, read_json, write_json
+from jp_peft.records.layout import MissingRecord, export_record, hf_merged, read_json, write_json
+from jp_peft.spec import ExperimentSpec
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,15 @@ class ExportRecord:
 
     def check(self, name: str) -> dict[str, Any] | None:
         return next((c for c in self.checks if c.get("check") == name), None)
+
+
+def stage_result_hf(spec: ExperimentSpec, stage: str) -> str:
+    """The merged Hugging Face model a trained stage produced (what eval scores): the one its export record
+    names, or on the hf backend without an export stage the one training wrote."""
+    record = export_record(spec, stage)
+    if record.exists():
+        return ExportRecord.read(record, f"eval of {stage}").hf_merged
+    if (hf_merged(spec, stage) / "config.json").exists():
+        return str(hf_merged(spec, stage))
+    raise MissingRecord(f"eval of {stage}: no exported Hugging Face model ({record} not found); "
+                        "add the export stage")

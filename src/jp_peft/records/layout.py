@@ -212,20 +212,6 @@ def base_model_dir(spec: ExperimentSpec) -> str:
     return read_json(import_record(spec), "base model")["base_dir"]
 
 
-def stage_result_hf(spec: ExperimentSpec, stage: str) -> str:
-    """The merged Hugging Face model a trained stage produced (what eval scores): the one its export record
-    names, or on the hf backend without an export stage the one training wrote."""
-    record = export_record(spec, stage)
-    if record.exists():
-        from jp_peft.records.export_record import ExportRecord
-
-        return ExportRecord.read(record, f"eval of {stage}").hf_merged
-    if (hf_merged(spec, stage) / "config.json").exists():
-        return str(hf_merged(spec, stage))
-    raise MissingRecord(f"eval of {stage}: no exported Hugging Face model ({record} not found); "
-                        "add the export stage")
-
-
 def stage_start_hf(spec: ExperimentSpec, stage: str) -> str:
     """The Hugging Face model a trained stage starts from: the base, or the merged model of the trained stage
     it follows (the stage table's starts_from: SFT after CPT). Exported adapters name it as their base, and

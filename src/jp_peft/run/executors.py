@@ -18,6 +18,7 @@ from typing import Any
 
 import nemo_run as run
 
+from jp_peft.pins import STACK
 from jp_peft.resources import checkout_root, profile_dir
 
 PROFILE_DIR = profile_dir()  # the bundled profiles (slurm/*.yaml in a checkout links to them)
@@ -26,9 +27,9 @@ PROFILE_DIR = profile_dir()  # the bundled profiles (slurm/*.yaml in a checkout 
 BASE_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 # Common NCCL / torch settings for multi-node jobs (overridable in a profile's env).
 MULTINODE_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-# The NeMo stack every Slurm job checks before its stage: what pyproject.toml pins (a test keeps the two in
-# step; "0.15.*" is any 0.15 release). NVIDIA's NeMo containers ship other versions (slurm/README.md).
-REQUIRED_STACK = {"nemo_toolkit": "2.7.3", "megatron-core": "0.15.*"}
+# The NeMo stack every Slurm job checks before its stage (jp_peft.pins). NVIDIA's NeMo containers ship other
+# versions (slurm/README.md).
+REQUIRED_STACK = STACK
 REPORTED_STACK = ("nemo_run", "torch", "transformers", "lightning")
 # Pyxis keeps a named container on each node for the job's later steps: the stage runs where container_setup ran.
 CONTAINER_NAME = "jp-peft"

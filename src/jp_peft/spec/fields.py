@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jp_peft.spec.stages import (BACKEND_NAMES, BLEND, CHAT, SHARED_STAGES, STAGES, TRAINED_STAGES,  # noqa: F401
-                                 trained_with)
+from jp_peft.spec.stages import BACKEND_NAMES, BLEND, CHAT, STAGES, TRAINED_STAGES, stage as stage_row, trained_with
 
 # Hugging Face names of Qwen2's seven linear projections (the spec speaks these names;
 # the Megatron backend translates them, see jp_peft.backends.megatron.lora_mapping).
@@ -346,6 +345,9 @@ class ExperimentSpec:
         _choice(self.backend, BACKENDS, "backend")
         for stage in self.stages:
             _choice(stage, STAGES, "stages")
+            supported = stage_row(stage).backends
+            _require(self.backend in supported, "stages", f"the {stage} stage runs on the {' or '.join(supported)} "
+                     f"backend, not {self.backend} (--backend {supported[0]}, or drop {stage} from --stages)")
         for stage_name in TRAINED_STAGES:
             train = getattr(self, stage_name).train
             per_step = train.micro_batch_size * self.cluster.data_parallel_size

@@ -26,8 +26,6 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
     `train.X=...` and `data.X=...` are shorthands that set the field in both cpt and sft.
     """
-    import yaml
-
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"override {item!r}: expected key=value")

@@ -25,7 +25,7 @@ import textwrap
 from dataclasses import dataclass
 from importlib import metadata
 
-PINNED = {"nemo_toolkit": ("2.7.3",), "megatron-core": ("0.15.",)}
+from jp_peft.pins import STACK, matches
 
 
 class MegatronCpuError(RuntimeError):
@@ -314,14 +314,13 @@ def _identifiers(source: str):
 
 
 def _pins() -> str:
-    return ", ".join(f"{name} {'/'.join(v + ('x' if v.endswith('.') else '') for v in versions)}"
-                     for name, versions in PINNED.items())
+    return ", ".join(f"{name} {version.replace('*', 'x')}" for name, version in STACK.items())
 
 
 def check_versions() -> None:
-    for name, versions in PINNED.items():
+    for name, wanted in STACK.items():
         installed = metadata.version(name)
-        if not any(installed == v or (v.endswith(".") and installed.startswith(v)) for v in versions):
+        if not matches(installed, wanted):
             raise MegatronCpuError(f"{name} {installed} is installed; the CPU tier supports exactly {_pins()}")
 
 

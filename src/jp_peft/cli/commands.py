@@ -1,0 +1,87 @@
+"""The small subcommands: `jp-peft compare`, `status`, `eval`, `export`, `wandb sync` (each runs code of its package)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    export = sub.add_parser("export", help="export NeMo checkpoints").add_subparsers(dest="export_command", required=True)
+    adapter = export.add_parser("adapter", help="NeMo Qwen2 LoRA checkpoint -> Hugging Face PEFT adapter")
+    adapter.add_argument("--checkpoint", required=True)
+    adapter.add_argument("--output", required=True)
+    adapter.add_argument("--base-model", help="base_model_name_or_path written to adapter_config.json (hub id or "
+                         "local HF directory; default: guessed by NeMo from the checkpoint's import path)")
+    nemo = export.add_parser("nemo", help="NeMo 2 checkpoint directory -> single-file .nemo archive (verified)")
+    nemo.add_argument("--checkpoint", required=True)
+    nemo.add_argument("--output", required=True)
+
+    for name in ("adapter", "nemo"):
+        export.choices[name].set_defaults(handler=cmd_export)
+
+    compare = sub.add_parser("compare", help="compare finished runs: Markdown/HTML table and PNG plots")
+    compare.add_argument("runs", nargs="+", help="run directories (DIR/NAME)")
+    compare.add_argument("--output", default="runs/compare")
+    compare.set_defaults(handler=cmd_compare)
+
+    status = sub.add_parser("status", help="a run's stages: done, unfinished (step, loss, tokens/s, ETA), not started; "
+                            "its lock holder and Slurm jobs")
+    status.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/smoke")
+    status.set_defaults(handler=cmd_status)
+    from jp_peft.evaluation.cli import DESCRIPTION as EVAL_DESCRIPTION, EPILOG as EVAL_EPILOG, add_eval_arguments
+
+    evaluation = sub.add_parser("eval", help="score a model/adapter on downstream tasks (lm-eval, offline)",
+                                description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(handler=cmd_eval)
+
+    wandb = sub.add_parser("wandb", help="W&B helpers").add_subparsers(dest="wandb_command", required=True)
+    sync = wandb.add_parser("sync", help="upload offline runs under DIR (needs WANDB_API_KEY)")
+    sync.add_argument("dir")
+    sync.set_defaults(handler=cmd_wandb_sync)
+
+
+def cmd_export(args) -> int:
+    from jp_peft.export.cli import run_export_command
+
+    return run_export_command(args)
+
+
+def cmd_compare(args) -> int:
+    from jp_peft.compare import compare_runs
+    from jp_peft.records.layout import MissingRecord
+
+    try:
+        out = compare_runs(args.runs, args.output)
+    except MissingRecord as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from jp_peft.run.status import status_lines
+    from jp_peft.spec import SpecError
+
+    try:
+        print("\n".join(status_lines(args.run_dir)))
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from jp_peft.evaluation.cli import run_eval_command
+
+    return run_eval_command(args)
+
+
+def cmd_wandb_sync(args) -> int:
+    from jp_peft.training.wandb_run import sync_offline_runs
+
+    return sync_offline_runs(args.dir)
