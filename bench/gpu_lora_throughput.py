@@ -3,9 +3,9 @@
 Three configurations train Qwen2.5-0.5B's exact architecture (random weights from its config, or a
 real checkpoint with --hf-model) with LoRA rank 32 on all seven linear projections, bf16, on blocks of
 the bundled Japanese corpus, each at every micro batch of a sweep until one does not fit:
-  megatron       jp-peft's Megatron backend: the composed recipe (recipes/qwen25_500m_ja.py cpt_lora)
+  megatron       jp-peft's Megatron backend: the composed recipe (src/jp_peft/recipes/qwen25_500m_ja.py cpt_lora)
                  run by jp-peft's stage runner (jp_peft.run.entry.run_stage), under torchrun
-  hf_backend     jp-peft's hf backend (backends/hf_stages.py train: transformers + peft + Lightning)
+  hf_backend     jp-peft's hf backend (backends/hf/stages.py train: transformers + peft + Lightning)
   plain_hf_peft  a plain transformers + peft loop: bf16 weights, sdpa attention, AdamW
 Then the parity run (Megatron at its best micro batch, --parity-steps long) goes through the run's own
 export stage, and a CPU fp32 check loads its adapter with HF+PEFT and compares logits with NeMo's on 32
@@ -348,7 +348,7 @@ def adjust_recipe_for_this_machine(config) -> list[str]:
     """On a GPU without Apex's/Megatron's compiled fused-softmax kernel (any machine without NVIDIA's NeMo
     container), bf16 attention with masked_softmax_fusion imports `scaled_masked_softmax_cuda`
     (megatron/core/fusions/fused_softmax.py:357) and fails on the first forward: use the unfused softmax,
-    as backends/megatron.use_cpu does on CPU. Returns what was changed (recorded in the results)."""
+    as backends/megatron/compose.use_cpu does on CPU. Returns what was changed (recorded in the results)."""
     import importlib.util
 
     import torch
@@ -464,14 +464,14 @@ def run_parity_job(job: dict) -> dict:
     from jp_peft.backends.megatron.compose import imported_base_path
     from jp_peft.backends.megatron.stages import last_checkpoint
     from jp_peft.export import parity
-    from jp_peft.export.megatron import merge_lora
+    from jp_peft.backends.megatron.merge import merge_lora
     from jp_peft.spec import experiment_from_dict
 
     megatron_cpu.enable()
     spec = experiment_from_dict(job["spec"])
     out = Path(job["out"])
     ids = japanese_prompts(rundir.base_model_dir(spec), job["prompts"], job["prompt_tokens"])
-    nemo_form = "NeMo LoRA checkpoint merged in fp32 (jp_peft.export.megatron.merge_lora fp32=True), Megatron forward"
+    nemo_form = "NeMo LoRA checkpoint merged in fp32 (jp_peft.backends.megatron.merge.merge_lora fp32=True), Megatron forward"
     if spec.cpt.train.precision.startswith(("bf16", "16")):
         merged = out / "nemo_merged_fp32"
         try:

@@ -1,7 +1,7 @@
 """The NeMo stack jp-peft is pinned to, in one place.
 
 pyproject.toml says the same in its dependencies (tests/run/test_slurm_scripts.py keeps the two in step): every
-Slurm job checks that it runs these versions (jp_peft.run.executors), and the Megatron CPU adaptations
+Slurm job checks that it runs these versions (jp_peft.cluster.executors), and the Megatron CPU adaptations
 refuse any other (jp_peft.backends.megatron.cpu), since their upstream line numbers and hashes are these
 releases'.
 """

@@ -156,14 +156,14 @@ def test_dryrun_shows_the_composed_nemo_configuration_and_touches_no_file(megatr
 
 
 def test_importing_one_module_registers_the_hf_peft_exporter(megatron_run, tmp_path):
-    """Plain `llm.export_ckpt(path, target="hf-peft")` after `import jp_peft.export.nemo_exporters`, on the run's
+    """Plain `llm.export_ckpt(path, target="hf-peft")` after `import jp_peft.backends.megatron.nemo_exporters`, on the run's
     own LoRA checkpoint: the same tensors as the run's exported adapter."""
     run_dir, _, env = megatron_run
     record = json.loads((run_dir / "cpt" / "export.json").read_text())
     code = f"""
 from jp_peft.backends.megatron import cpu as megatron_cpu
 megatron_cpu.enable()
-import jp_peft.export.nemo_exporters
+import jp_peft.backends.megatron.nemo_exporters
 from nemo.collections import llm
 llm.export_ckpt(path={record['checkpoint']!r}, target="hf-peft", output_path={str(tmp_path / 'adapter')!r})
 """
@@ -319,7 +319,7 @@ def test_stopped_and_resumed_cpt_equals_an_uninterrupted_one(megatron_run, tmp_p
 import sys
 from jp_peft.backends.megatron import cpu as megatron_cpu
 megatron_cpu.enable()
-import jp_peft.export.nemo_exporters
+import jp_peft.backends.megatron.nemo_exporters
 from nemo.collections import llm
 from jp_peft.backends.megatron.stages import last_checkpoint
 for ckpt_dir, out in zip(sys.argv[1::2], sys.argv[2::2]):

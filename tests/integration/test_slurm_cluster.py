@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jp_peft.run.slurm_jobs import job_info, wait_for
+from jp_peft.cluster.slurm_jobs import job_info, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slurm

@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from jp_peft.export.cli import run_export_command
+    from jp_peft.cli.export import run_export_command
 
     return run_export_command(args)
 

@@ -88,7 +88,7 @@ class _StageTasks:
     stage: str
 
     def _run_for_rank(self, rank: int, local_rank: int = 0):
-        work = WorkDir(Path(self.logging_dir.path).parents[1])
+        work = WorkDir(Path(self.logging_dir.path).parent.parent)  # LOGS/STAGE/ -> the work directory
         started = time.perf_counter()
         try:
             stats = super()._run_for_rank(rank, local_rank)
@@ -174,7 +174,7 @@ def _activate_this_python() -> str:
 def _profile_of_this_job():
     """A profile for array jobs submitted from inside a Slurm job (the experiment's data stage): the same
     partition and account, this Python environment."""
-    from jp_peft.run.executors import SlurmProfile
+    from jp_peft.cluster.executors import SlurmProfile
 
     partition = os.environ.get("SLURM_JOB_PARTITION")
     if not partition:
@@ -187,7 +187,7 @@ def _profile_of_this_job():
 def load_data_profile(name: str | None):
     if name is None:
         return _profile_of_this_job()
-    from jp_peft.run.executors import ProfileError, load_profile
+    from jp_peft.cluster.executors import ProfileError, load_profile
 
     try:
         return load_profile(name)
@@ -314,7 +314,7 @@ def _wait_for_jobs(job_ids: list[str], left_ranks_undone=lambda job: False) -> N
     it (slurm_jobs.cancel_unrunnable says why). A job whose
     dependency failed some other way shows `DependencyNeverSatisfied`: cancelled here too (squeue; no
     slurmdbd needed)."""
-    from jp_peft.run.slurm_jobs import TERMINAL
+    from jp_peft.cluster.slurm_jobs import TERMINAL
 
     complete: set[str] = set()  # ended with every rank done: their completion marks are read once
     while job_ids:

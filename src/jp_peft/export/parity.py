@@ -47,18 +47,6 @@ def peft_logits(adapter_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()(input_ids=ids).logits.float()
 
 
-@torch.no_grad()
-def nemo_logits(checkpoint: str | Path, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a NeMo 2 checkpoint (a stage's own checkpoint, as trained, or a merged/imported model)
-    through its Megatron forward, loaded on CPU as NeMo's exporters load it."""
-    from jp_peft.export.megatron import load_trained_model
-
-    model, _ = load_trained_model(Path(checkpoint))
-    model.eval()
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    return model.forward(input_ids=ids, position_ids=positions, attention_mask=None).float()
-
-
 def check(name: str, a: torch.Tensor, b: torch.Tensor, atol: float, reason: str) -> dict:
     diff = float((a - b).abs().max())
     agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())

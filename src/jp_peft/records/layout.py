@@ -146,6 +146,11 @@ def trainer_checkpoints(spec: ExperimentSpec, stage: str) -> Path:
     return stage_dir(spec, stage) / "checkpoints"
 
 
+def trainer_last_checkpoint(spec: ExperimentSpec, stage: str) -> Path:
+    """What a resumed hf stage continues from (saved every N steps and when the stage is stopped)."""
+    return trainer_checkpoints(spec, stage) / "last.ckpt"
+
+
 def hf_adapter(spec: ExperimentSpec, stage: str) -> Path:
     return stage_dir(spec, stage) / "hf_adapter"
 

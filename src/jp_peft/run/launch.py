@@ -25,7 +25,7 @@ def task_record(task: PlannedTask) -> Path:
 
 def executor_factory(kind: str, profile_name, base_dir: Path):
     """`profile_name`: a name or path of slurm/*.yaml, or an already loaded SlurmProfile."""
-    from jp_peft.run.executors import SlurmProfile, load_profile, local_executor, slurm_executor
+    from jp_peft.cluster.executors import SlurmProfile, load_profile, local_executor, slurm_executor
 
     if kind == "local":
         def for_task(task: PlannedTask):
@@ -261,7 +261,7 @@ def print_summaries(tasks: list[PlannedTask]) -> None:
 def follow_slurm(tasks: list[PlannedTask], specs, exp, wait: bool, started: float) -> int:
     """Print each task's job id and log; with --wait, follow them to the end (scontrol, no sacct needed)."""
     from jp_peft.run.locks import record_jobs
-    from jp_peft.run.slurm_jobs import job_id_of, wait_for
+    from jp_peft.cluster.slurm_jobs import job_id_of, wait_for
 
     jobs = {job.id: job_id_of(job.handle) for job in exp.jobs}
     record_jobs(specs, jobs)

@@ -113,7 +113,7 @@ def _check_jobs(directory: Path) -> None:
     path = rundir.jobs_file(directory)
     if not path.exists() or shutil.which("scontrol") is None:
         return
-    from jp_peft.run.slurm_jobs import is_finished, job_state
+    from jp_peft.cluster.slurm_jobs import is_finished, job_state
 
     try:
         jobs = json.loads(path.read_text(encoding="utf-8"))

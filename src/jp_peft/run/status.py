@@ -51,7 +51,7 @@ def slurm_states(run_dir: Path) -> dict[str, str]:
     path = rundir.jobs_file(run_dir)
     if not path.exists() or shutil.which("scontrol") is None:
         return {}
-    from jp_peft.run.slurm_jobs import job_state
+    from jp_peft.cluster.slurm_jobs import job_state
 
     jobs = json.loads(path.read_text(encoding="utf-8"))
     return {name: f"job {jid} {job_state(jid)[0]}" for name, jid in jobs.items()}

@@ -3,6 +3,9 @@
 One spec drives every backend (jp_peft.backends). Every check that can fail before launch and
 needs no backend lives here, in `__post_init__`, and names the offending field; what a backend
 cannot do is its own `validate` (jp_peft.backends), run when the experiment is planned.
+
+Longer than our other modules on purpose: one dataclass per spec section, each with its validation,
+then the builder that turns nested dicts into them, so that this file reads as the spec's reference.
 """
 
 from __future__ import annotations

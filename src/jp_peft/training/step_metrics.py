@@ -1,7 +1,7 @@
 """Per-step training metrics against `trainer/global_step`, to the loggers and to train_log.jsonl.
 
 train loss, learning rate, gradient norm (before clipping), step time, tokens/s, samples/s,
-consumed tokens, peak memory (GPU or process RSS), TFLOP/s and MFU (see callbacks/flops.py).
+consumed tokens, peak memory (GPU or process RSS), TFLOP/s and MFU (see training/flops.py).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class StepMetrics(pl.Callback):
             self.step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # One batch is one optimizer step (backends/hf.py accumulates micro batches itself).
+        # One batch is one optimizer step (backends/hf/trainer.py accumulates micro batches itself).
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
         self.tokens += int(pl_module.last_batch_tokens)

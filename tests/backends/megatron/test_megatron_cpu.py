@@ -122,6 +122,7 @@ def test_imported_logits_equal_hf_only_with_the_norm_mapping(tiny_base, tmp_path
 import sys, torch
 from jp_peft.backends.megatron import cpu as megatron_cpu
 from jp_peft.export import parity
+from jp_peft.backends.megatron.merge import nemo_logits
 from nemo.collections import llm
 megatron_cpu.enable()
 if sys.argv[1] == "upstream-norms":
@@ -132,7 +133,7 @@ out = sys.argv[2]
 llm.import_ckpt(model=llm.Qwen2Model(llm.Qwen2Config(num_layers=4, hidden_size=192, ffn_hidden_size=512,
     num_attention_heads=6, num_query_groups=2)), source="hf://{tiny_base}", output_path=out, overwrite=True)
 ids = parity.random_ids(2048)
-print("DIFF", float((parity.hf_logits("{tiny_base}", ids) - parity.nemo_logits(out, ids)).abs().max()))
+print("DIFF", float((parity.hf_logits("{tiny_base}", ids) - nemo_logits(out, ids)).abs().max()))
 """
     diffs = {}
     for mode in ("mapped", "upstream-norms"):

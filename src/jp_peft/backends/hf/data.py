@@ -13,7 +13,6 @@ sample `global_step * global_batch_size` sees exactly the samples it would have 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch

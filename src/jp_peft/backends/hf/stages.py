@@ -24,7 +24,7 @@ def train(spec: ExperimentSpec, stage: str) -> StageMetrics:
     shape = "all parameters" if method == "full" else f"LoRA r={spec.lora.rank} alpha={spec.lora.alpha}" + (
         " + embeddings/output layer" if method == "lora_embed" else "")
     print(f"[jp-peft] {stage}: {method} ({shape}) on {base}", flush=True)
-    logger = wandb_logger(spec, stage, resuming=(rundir.trainer_checkpoints(spec, stage) / "last.ckpt").exists())
+    logger = wandb_logger(spec, stage, resuming=rundir.trainer_last_checkpoint(spec, stage).exists())
     metrics, model, tokenizer = train_stage(spec, stage, base, [logger] if logger else [])
     written = hf_methods.export(model, tokenizer, base, rundir.hf_adapter(spec, stage), rundir.hf_merged(spec, stage))
     with torch.no_grad():

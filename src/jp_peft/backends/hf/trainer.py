@@ -2,7 +2,7 @@
 
 Runs on CPU or one GPU (bf16 where the GPU has it). Same spec, same prepared data and the
 same outputs as the Megatron backend: hf_adapter/, hf_merged/, metrics.json. What each method
-trains and exports is backends/hf_methods.py.
+trains and exports is backends/hf/methods.py.
 """
 
 from __future__ import annotations
@@ -221,8 +221,10 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
 
     for logger in loggers:
         logger.log_hyperparams(params_record(trainable, total, stage_spec.method))
-    stage_dir, ckpt_dir, train_log = rundir.stage_dir(spec, stage), rundir.checkpoints(spec, stage), rundir.train_log(spec, stage)
-    resume_from = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else None
+    stage_dir, ckpt_dir, train_log = rundir.stage_dir(spec, stage), rundir.trainer_checkpoints(spec, stage), \
+        rundir.train_log(spec, stage)
+    last = rundir.trainer_last_checkpoint(spec, stage)
+    resume_from = last if last.exists() else None
     if resume_from is None:  # the base's own perplexities, before any training of this stage
         module.base_val = {lang: module.evaluate(lang, disable_adapter=True) for lang in val_sets}
         train_log.unlink(missing_ok=True)
@@ -238,7 +240,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
         limit_val_batches=train.limit_val_batches, num_sanity_val_steps=0, logger=loggers or False,
         # StepSeed: each step's dropout masks are a function of (seed, step), so a resumed stage draws
         # what the uninterrupted one drew (the RNG state is not in the checkpoint, and validation draws too)
-        callbacks=[StepSeed(train.seed), step_metrics, checkpoint, PreemptionCheckpoint(ckpt_dir / "last.ckpt"),
+        callbacks=[StepSeed(train.seed), step_metrics, checkpoint, PreemptionCheckpoint(last),
                    *early_stop],
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False, default_root_dir=str(stage_dir),
         deterministic=False, use_distributed_sampler=False,

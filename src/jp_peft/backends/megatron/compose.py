@@ -1,8 +1,8 @@
 """The NeMo Megatron backend: the spec translated into NVIDIA's own `nemo.collections.llm` objects.
 
-The recipes in recipes/qwen25_500m_ja.py start from `llm.qwen25_500m.finetune_recipe` and change
+The recipes in src/jp_peft/recipes/qwen25_500m_ja.py start from `llm.qwen25_500m.finetune_recipe` and change
 only what the spec says differently, with the helpers here. Composing needs neither CUDA nor a
-model on disk; `backends/megatron_stages.py` runs what is composed.
+model on disk; `backends/megatron/stages.py` runs what is composed.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def apply_hf_shape(config: run.Config, hf: dict) -> None:
 
 
 def use_cpu(recipe: run.Partial, spec: ExperimentSpec, stage: str) -> None:
-    """Device fields for NeMo's Megatron path on CPU (backends/megatron_cpu.py gets past the rest)."""
+    """Device fields for NeMo's Megatron path on CPU (backends/megatron/cpu.py gets past the rest)."""
     recipe.trainer.accelerator = "cpu"
     recipe.trainer.devices = 1
     recipe.model.config.use_cpu_initialization = True

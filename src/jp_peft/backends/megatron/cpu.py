@@ -12,7 +12,7 @@ and tracebacks still point at upstream's file and line numbers.
 
 `enable()` refuses to run where CUDA is available: on a GPU nothing here changes behaviour.
 Upstream is frozen (2.7.3 is the last NeMo with `nemo.collections.llm`), so this list is final
-for the pinned versions; `tests/backends/test_megatron_cpu.py` checks every entry still applies.
+for the pinned versions; `tests/backends/megatron/test_megatron_cpu.py` checks every entry still applies.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the composed `llm.finetune` gets, which parameters train at which learning rate,
               (nemo/lightning/pytorch/callbacks/peft.py PEFT.set_params_to_save), so both travel in the
               adapter checkpoint and resume with it. Their learning rate: Megatron gives them their own
               optimizer group when optim.config.decoupled_lr is set (megatron/core/optimizer/__init__.py,
-              `is_embedding_or_output_parameter`), and callbacks/embed_lr.py holds that group at
+              `is_embedding_or_output_parameter`), and backends/megatron/embed_lr.py holds that group at
               embed_lr/lr times the scheduled rate.
   full        no PEFT at all (llm.finetune with peft=None): every parameter trains from the restored
               checkpoint, and the stage's checkpoints are whole models.
@@ -18,7 +18,7 @@ and its exporter writes tie_word_embeddings=False. So on this backend the embedd
 layer are two matrices, equal at the start of a tied base. Under lora both stay frozen and equal; under
 lora_embed and full they train apart, and the exported model is untied (it keeps both; for
 Qwen2.5-0.5B that is 136M more parameters in hf_merged than the tied base). The hf backend keeps the
-tie instead (backends/hf_methods.py); the README says which to pick.
+tie instead (backends/hf/methods.py); the README says which to pick.
 """
 
 from __future__ import annotations

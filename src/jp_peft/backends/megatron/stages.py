@@ -1,7 +1,7 @@
 """What the Megatron backend's stages do when they run: import, train (a composed NeMo recipe), export.
 
 Every function here runs inside a stage's own process. On a machine without CUDA it first applies
-backends/megatron_cpu.py (the embedded tiny model only); on a GPU without Transformer Engine only
+backends/megatron/cpu.py (the embedded tiny model only); on a GPU without Transformer Engine only
 its TE adaptations; on a GPU with TE nothing.
 """
 
@@ -57,6 +57,7 @@ def checkpoint_complete(path: Path) -> bool:
 def import_model(spec: ExperimentSpec, hf_dir: str, recipe) -> dict:
     """The recipe's `llm.import_ckpt` (built by NeMo-Run: its model is an instance, as import_ckpt
     needs), then HF base vs imported logits (fp32) as proof."""
+    from jp_peft.backends.megatron.merge import nemo_logits
     from jp_peft.export import parity
 
     prepare_process(spec)
@@ -69,7 +70,7 @@ def import_model(spec: ExperimentSpec, hf_dir: str, recipe) -> dict:
         with nemo_tokenizer_lock():
             recipe()
     ids = parity.random_ids(_vocab_size(hf_dir))
-    check = parity.check("hf_base_vs_nemo_import", parity.hf_logits(hf_dir, ids), parity.nemo_logits(output, ids),
+    check = parity.check("hf_base_vs_nemo_import", parity.hf_logits(hf_dir, ids), nemo_logits(output, ids),
                          parity.FP32_ATOL, "fp32, the same weights through two implementations")
     parity.require([check], f"import of {hf_dir}")
     print(f"[jp-peft] import: HF base vs NeMo-imported logits max |diff| {check['max_abs_diff']:.2e}", flush=True)
@@ -158,15 +159,16 @@ def export(spec: ExperimentSpec, stage: str) -> ExportRecord:
     """The trained stage's last checkpoint -> what its method exports, each form checked against the model
     it came from: lora and lora_embed give hf_adapter (lora_embed's with the embeddings and output layer as
     modules_to_save), and all methods nemo_merged -> hf_merged and model.nemo (full: the whole trained model,
-    weights only). backends/megatron_methods.py says what happens to tied embeddings."""
+    weights only). backends/megatron/methods.py says what happens to tied embeddings."""
     import shutil
 
     from nemo.collections import llm
 
+    from jp_peft.backends.megatron.merge import nemo_logits
     from jp_peft.export import parity
-    from jp_peft.export.hf_peft import register_qwen2_hf_peft_exporter
-    from jp_peft.export.megatron import merge_lora, save_whole_model
-    from jp_peft.export.nemo_archive import write_nemo_archive
+    from jp_peft.backends.megatron.hf_peft import register_qwen2_hf_peft_exporter
+    from jp_peft.backends.megatron.merge import merge_lora, save_whole_model
+    from jp_peft.backends.megatron.nemo_archive import write_nemo_archive
 
     prepare_process(spec)
     method = spec.stage(stage).method
@@ -193,11 +195,11 @@ def export(spec: ExperimentSpec, stage: str) -> ExportRecord:
 
     ids = parity.held_out_ids(spec.stage(stage).data.val_ja)
     hf_merged = parity.hf_logits(rundir.hf_merged(spec, stage), ids)
-    nemo_merged = parity.nemo_logits(merged, ids)
+    nemo_merged = nemo_logits(merged, ids)
     rounded = "merge rounds merged weights to bf16 (nemo/collections/llm/peft/api.py:104,126)"
     atol = parity.FP32_ATOL if fp32 else 5e-2
     checks = [
-        parity.check("trained_vs_nemo_merged", parity.nemo_logits(ckpt, ids), nemo_merged,
+        parity.check("trained_vs_nemo_merged", nemo_logits(ckpt, ids), nemo_merged,
                      parity.FP32_ATOL if fp32 or method == "full" else atol,
                      "the stage's own checkpoint as trained against its merged export: "
                      + ("the same weights (full)" if method == "full" else "fp32 merge: summation order only" if fp32

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# NeMo class -> adapter_type; the *WithEmbeddings ones (backends/megatron_methods.py, method lora_embed) also
+# NeMo class -> adapter_type; the *WithEmbeddings ones (backends/megatron/methods.py, method lora_embed) also
 # trained the embeddings and output layer, which export as PEFT modules_to_save
 ADAPTER_TYPES = {"LoRA": "lora", "CanonicalLoRA": "canonical_lora", "LoRAWithEmbeddings": "lora",
                  "CanonicalLoRAWithEmbeddings": "canonical_lora"}
@@ -375,7 +375,7 @@ def register_qwen2_hf_peft_exporter():
             adapter_settings(**settings)  # DoRA, unknown types, post-dropout: fail before the slow load
             source, trainer = self.nemo_load(str(self))  # the adapters (not the base), on CPU
             cfg = source.config
-            from jp_peft.export.megatron import load_trained_embeddings, peft_trains_embeddings
+            from jp_peft.backends.megatron.merge import load_trained_embeddings, peft_trains_embeddings
 
             with_embeddings = peft_trains_embeddings(peft)
             if with_embeddings:  # lora_embed: NeMo's loader reads `.adapter.` tensors only

@@ -102,7 +102,7 @@ def keep_launch_dir_off_task_path() -> None:
     if (TORCHX_LAUNCH_DIR_ON_PATH not in inspect.getsource(LocalScheduler._to_popen_request)
             or TORCHX_TASK_PATH not in inspect.getsource(upstream)):
         raise RuntimeError("torchx's LocalScheduler no longer builds a task's PATH the way "
-                           "jp_peft.run.executors.keep_launch_dir_off_task_path adapts: review that adaptation")
+                           "jp_peft.cluster.executors.keep_launch_dir_off_task_path adapts: review that adaptation")
 
     def _get_replica_env(self, replica_params):
         env = upstream(self, replica_params)

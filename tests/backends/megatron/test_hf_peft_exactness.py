@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from jp_peft.export.hf_peft import (AdapterExportError, adapter_settings, export_adapter, hf_adapter_config,
+from jp_peft.backends.megatron.hf_peft import (AdapterExportError, adapter_settings, export_adapter, hf_adapter_config,
                                     hf_rank_pattern, hf_target_modules, megatron_lora_to_hf_peft,
                                     write_hf_peft_adapter)
 
@@ -317,7 +317,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 # --- NeMo: registration, NeMo's own adapter modules, llm.export_ckpt ------------------------
 
 def test_importing_the_exporter_does_not_import_nemo():
-    code = "import sys, jp_peft.export.hf_peft; sys.exit('nemo' in sys.modules)"
+    code = "import sys, jp_peft.backends.megatron.hf_peft; sys.exit('nemo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
@@ -325,7 +325,7 @@ def test_qwen2_hf_peft_exporter_is_registered_with_nemo():
     from nemo.collections.llm.gpt.model.qwen2 import Qwen2Model
     from nemo.lightning import io
 
-    from jp_peft.export.hf_peft import register_qwen2_hf_peft_exporter
+    from jp_peft.backends.megatron.hf_peft import register_qwen2_hf_peft_exporter
 
     connector_cls = register_qwen2_hf_peft_exporter()
     assert register_qwen2_hf_peft_exporter() is connector_cls  # idempotent
@@ -450,7 +450,7 @@ def test_export_ckpt_through_the_registered_connector(megatron_cpu, monkeypatch,
     from nemo.collections.llm import peft as nemo_peft
     from nemo.collections.llm.gpt.model.qwen2 import Qwen2Model
 
-    from jp_peft.export.hf_peft import register_qwen2_hf_peft_exporter
+    from jp_peft.backends.megatron.hf_peft import register_qwen2_hf_peft_exporter
 
     rank, alpha, heads, groups = 4, 8, TINY["num_attention_heads"], TINY["num_key_value_heads"]
     peft = getattr(nemo_peft, peft_class)(dim=rank, alpha=alpha)
@@ -486,7 +486,7 @@ def test_connector_refuses_dora_before_loading_the_checkpoint(monkeypatch, tmp_p
     from nemo.collections.llm import peft as nemo_peft
     from nemo.collections.llm.gpt.model.qwen2 import Qwen2Model
 
-    from jp_peft.export.hf_peft import register_qwen2_hf_peft_exporter
+    from jp_peft.backends.megatron.hf_peft import register_qwen2_hf_peft_exporter
 
     connector_cls = register_qwen2_hf_peft_exporter()
     monkeypatch.setattr(nemo_io, "load_context", lambda path, subpath=None: nemo_peft.DoRA(dim=4, alpha=8))
@@ -500,7 +500,7 @@ def test_connector_refuses_dora_before_loading_the_checkpoint(monkeypatch, tmp_p
 # --- lora_embed: the trained embedding and output layer as PEFT modules_to_save ----------------
 
 def test_saved_modules_are_copied_without_vocab_padding_and_a_missing_one_is_refused():
-    from jp_peft.export.hf_peft import saved_modules_to_hf
+    from jp_peft.backends.megatron.hf_peft import saved_modules_to_hf
 
     g = torch.Generator().manual_seed(1)
     embed, head = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)  # 8 rows: 6 tokens + 2 padding
@@ -523,7 +523,7 @@ def test_peft_loads_saved_modules_apart_from_a_tied_base(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from jp_peft.export.hf_peft import saved_modules_to_hf
+    from jp_peft.backends.megatron.hf_peft import saved_modules_to_hf
 
     tiny_qwen2 = tmp_path / "tied"
     Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=True)).save_pretrained(tiny_qwen2)

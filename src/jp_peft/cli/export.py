@@ -7,7 +7,7 @@ import sys
 
 
 def run_export_command(args) -> int:
-    from jp_peft.export.nemo_archive import ArchiveError, check_checkpoint_dir
+    from jp_peft.backends.megatron.nemo_archive import ArchiveError, check_checkpoint_dir
 
     try:
         check_checkpoint_dir(args.checkpoint)  # before importing NeMo: a wrong path is answered at once
@@ -15,7 +15,7 @@ def run_export_command(args) -> int:
         print(f"error: --checkpoint: {exc}", file=sys.stderr)
         return 2
     if args.export_command == "nemo":
-        from jp_peft.export.nemo_archive import write_nemo_archive
+        from jp_peft.backends.megatron.nemo_archive import write_nemo_archive
 
         try:
             report = write_nemo_archive(args.checkpoint, args.output)
@@ -26,7 +26,7 @@ def run_export_command(args) -> int:
         return 0
     from nemo.collections import llm
 
-    from jp_peft.export.hf_peft import AdapterExportError, register_qwen2_hf_peft_exporter
+    from jp_peft.backends.megatron.hf_peft import AdapterExportError, register_qwen2_hf_peft_exporter
 
     register_qwen2_hf_peft_exporter()
     try:

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import torch
 
-from jp_peft.export.nemo_archive import ArchiveError, verify_nemo_archive, write_nemo_archive
+from jp_peft.backends.megatron.nemo_archive import ArchiveError, verify_nemo_archive, write_nemo_archive
 
 pytestmark = pytest.mark.unit
 

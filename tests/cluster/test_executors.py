@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jp_peft.run.executors import local_executor
+from jp_peft.cluster.executors import local_executor
 
 pytestmark = pytest.mark.integration
 

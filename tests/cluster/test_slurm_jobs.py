@@ -2,7 +2,7 @@
 
 import pytest
 
-from jp_peft.run.slurm_jobs import unrunnable
+from jp_peft.cluster.slurm_jobs import unrunnable
 
 pytestmark = pytest.mark.unit
 

@@ -1,15 +1,17 @@
-"""Pieces of the Megatron backend's export stage (backends/megatron_stages.export runs them):
-merging a NeMo LoRA checkpoint into its base, and the tied-embedding check of an exported model."""
+"""Pieces of the Megatron backend's export stage (backends/megatron/stages.export runs them): merging a NeMo
+LoRA checkpoint into its base, saving a full stage's weights, and a checkpoint's logits on CPU (parity)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import torch
+
 
 def peft_trains_embeddings(peft) -> bool:
     """Whether a NeMo PEFT object also trains the embeddings and output layer (method lora_embed:
-    backends/megatron_methods.py's *WithEmbeddings classes)."""
+    backends/megatron/methods.py's *WithEmbeddings classes)."""
     return peft is not None and type(peft).__name__.endswith("WithEmbeddings")
 
 
@@ -126,3 +128,13 @@ def merge_lora(lora_checkpoint: Path, output: Path, fp32: bool) -> None:
     merged = LoRAMerge()(trainer.strategy.megatron_parallel)
     weights = {k: v for k, v in merged.sharded_state_dict().items() if ".adapter." not in k}
     peft_api._save_merged_weight(str(output), weights, model, trainer)
+
+
+@torch.no_grad()
+def nemo_logits(checkpoint: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a NeMo 2 checkpoint (a stage's own checkpoint, as trained, or a merged/imported model)
+    through its Megatron forward, loaded on CPU as NeMo's exporters load it."""
+    model, _ = load_trained_model(Path(checkpoint))
+    model.eval()
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model.forward(input_ids=ids, position_ids=positions, attention_mask=None).float()
