@@ -1,0 +1,79 @@
+"""The stage table and the backend registry: the seams every other part reads (ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from jp_peft.backends import IMPLEMENTATIONS, ONE_PROCESS, Backend, backend_of
+from jp_peft.spec import SpecError, load_preset, resolve_spec
+from jp_peft.spec import stages as table
+from jp_peft.spec.fields import BACKENDS
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_table_is_consistent():
+    assert table.STAGES == ("import", "data", "cpt", "sft", "export", "eval")
+    assert table.SHARED_STAGES == ("import", "data") and table.TRAINED_STAGES == ("cpt", "sft")
+    order = {name: i for i, name in enumerate(table.STAGES)}
+    for row in table.TABLE:
+        if row.kind == table.TRAIN:
+            assert row.section == row.name and row.data_kind in (table.BLEND, table.CHAT), row
+        for earlier in row.starts_from:  # a stage starts from trained stages that run before it
+            assert table.is_trained(earlier) and order[earlier] < order[row.name], row
+        assert set(row.backends) <= set(BACKENDS), row
+    with pytest.raises(ValueError, match="unknown stage 'dpo'; the stages are import, data, cpt"):
+        table.stage("dpo")
+
+
+def test_what_a_trained_stage_starts_from_follows_the_run():
+    assert table.previous_trained("sft", ("import", "data", "cpt", "sft")) == "cpt"
+    assert table.previous_trained("sft", ("import", "data", "sft")) is None  # SFT alone: from the base
+    assert table.previous_trained("cpt", table.STAGES) is None
+
+
+def test_the_registry_implements_every_backend_name():
+    assert tuple(IMPLEMENTATIONS) == BACKENDS
+    for name in BACKENDS:
+        backend = backend_of(name)
+        assert isinstance(backend, Backend) and backend.name == name
+        assert backend_of(name) is backend  # loaded once
+    with pytest.raises(ValueError, match="backend: 'bridge' is not one of megatron, hf"):
+        backend_of("bridge")
+
+
+def test_launch_needs_come_from_the_backend(tmp_path):
+    smoke = load_preset("smoke")
+    hf = resolve_spec(smoke, [f"output_dir={tmp_path}", "backend=hf"])
+    megatron = resolve_spec(smoke, [f"output_dir={tmp_path}", "backend=megatron", "cluster.gpus_per_node=4",
+                                    "train.micro_batch_size=1", "train.global_batch_size=8"])
+    assert all(backend_of(hf).launch_needs(hf, s) == ONE_PROCESS for s in table.STAGES)
+    needs = backend_of(megatron).launch_needs(megatron, "cpt")
+    assert (needs.nodes, needs.processes_per_node, needs.distributed, needs.on_cpu) == (1, 4, True, False)
+    assert backend_of(megatron).launch_needs(megatron, "export") == ONE_PROCESS
+    assert [s for s in table.STAGES if backend_of(megatron).composes(s)] == ["import", "cpt", "sft"]
+    assert not any(backend_of(hf).composes(s) for s in table.STAGES)
+
+
+def test_a_stage_a_backend_does_not_run_is_refused_naming_the_field(tmp_path, monkeypatch):
+    # A row whose backends column leaves megatron out (as a DPO row would): the spec refuses it at once
+    monkeypatch.setitem(table.BY_NAME, "eval", dataclasses.replace(table.BY_NAME["eval"], backends=("hf",)))
+    with pytest.raises(SpecError, match="stages: the eval stage runs on the hf backend, not megatron"):
+        resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=megatron"])
+    resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=hf"])  # the backend it names runs it
+
+
+def test_the_hf_backend_refuses_several_devices_at_plan_time(tmp_path):
+    spec = resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=hf", "cluster.gpus_per_node=2"])
+    with pytest.raises(SpecError, match=r"cluster: the hf backend trains on one device \(num_nodes x gpus_per_node = 2\)"):
+        backend_of(spec).validate(spec)
+
+
+def test_recipes_compose_only_the_stages_they_have(tmp_path):
+    from jp_peft.recipes import compose
+
+    spec = resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=megatron", "cluster.accelerator=cpu"])
+    with pytest.raises(ValueError, match="composes no 'eval' stage"):
+        compose(spec, "eval")
