@@ -52,7 +52,11 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
            profile: str, dryrun: bool, wait: bool, overwrite: bool = False) -> int:
     from jp_peft.run.locks import RunLocks, check_reuse, start_over
 
-    tasks = plan(values, overrides, sweep, stages)
+    if executor == "slurm":  # a missing or broken profile is refused before anything is planned or written
+        from jp_peft.cluster.executors import SlurmProfile, load_profile
+
+        profile = profile if isinstance(profile, SlurmProfile) else load_profile(profile)
+    tasks = plan(values, overrides, sweep, stages, dryrun=dryrun)
     first = tasks[0].spec
     specs = list({t.spec.run_dir: t.spec for t in tasks}.values())
     restart = check_reuse(specs, overwrite)  # a different spec is refused before anything starts

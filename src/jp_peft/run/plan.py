@@ -9,6 +9,7 @@ chain level by level.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def task_name(spec: ExperimentSpec, stage: str, target: str | None = None) -> st
     return f"{spec.name}-{stage}-{target}" if target is not None else f"{spec.name}-{stage}"
 
 
-def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None = None) -> list[PlannedTask]:
-    """The tasks of the experiment, in launch order, with their dependencies; validates every spec."""
+def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None = None,
+         dryrun: bool = False) -> list[PlannedTask]:
+    """The tasks of the experiment, in launch order, with their dependencies; validates every spec. A dry run
+    warns about data files that are missing here (the data stage or `jp-peft data prepare` makes them) instead."""
     variants = parse_sweep(sweep)
     overrides = with_stages(overrides, stages)
     base = resolve_spec(values, overrides)
@@ -63,7 +66,13 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
                                          f"wandb.tags=[{','.join([*base.wandb.tags, suffix])}]"])
         else:
             spec = base
-        spec.check_data_files()
+        spec.check_model_dir()
+        try:
+            spec.check_data_files()
+        except SpecError as exc:  # a dry run on a fresh directory shows what would run once the data exists
+            if not dryrun:
+                raise
+            print(f"warning: a launch would be refused: {exc}", file=sys.stderr)
         backend_of(spec).validate(spec)  # what this backend cannot run is refused before anything is queued
         deps = list(previous_shared)
         for stage, target in run_sequence(spec, shared=False):

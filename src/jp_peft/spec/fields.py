@@ -387,6 +387,27 @@ class ExperimentSpec:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
+    def local_model_dir(self) -> Path | None:
+        """model.name as a local directory (an absolute path, ./ or ../ or ~), or None for a hub id."""
+        name = self.model.name
+        if self.model.tiny or not (name.startswith(("/", "./", "../", "~")) or Path(name).exists()):
+            return None
+        return Path(name).expanduser()
+
+    def check_model_dir(self) -> None:
+        """A local model directory must hold what the import stage loads: config.json, a tokenizer and weights."""
+        path = self.local_model_dir()
+        if path is None:
+            return
+        _require(path.is_dir(), "model.name", f"{path} is not a directory (a local Hugging Face model: config.json, "
+                 "tokenizer, *.safetensors); `hf download Qwen/Qwen2.5-0.5B --local-dir DIR` makes one")
+        missing = [what for what, patterns in (("config.json", ("config.json",)),
+                                                ("a tokenizer", ("tokenizer.json", "vocab.json", "tokenizer.model")),
+                                                ("weights", ("*.safetensors", "*.bin")))
+                   if not any(any(path.glob(p)) for p in patterns)]
+        _require(not missing, "model.name", f"{path} has no {', no '.join(missing)} (a local Hugging Face model "
+                 "directory holds config.json, the tokenizer and *.safetensors)")
+
     def check_data_files(self) -> None:
         """Fail before launch if a stage's data is neither prepared nor preparable.
 

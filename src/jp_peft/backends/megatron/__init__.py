@@ -32,6 +32,26 @@ class MegatronBackend(Backend):
         from jp_peft.backends.megatron.lora_mapping import to_nemo_targets
 
         to_nemo_targets(spec.lora.target_modules)
+        self.check_architecture(spec)
+
+    @staticmethod
+    def check_architecture(spec) -> None:
+        """A local model directory must have the architecture of the NeMo config the recipe builds
+        (model.nemo_config), or the import would fail late or, worse, load into the wrong shape."""
+        import json
+
+        path = spec.local_model_dir()
+        if path is None or not (path / "config.json").is_file():
+            return
+        from jp_peft.backends.megatron.compose import HF_TO_NEMO_SHAPE, nemo_config_shape
+
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        nemo = nemo_config_shape(spec.model.nemo_config)
+        differ = [f"{hf_key} {hf.get(hf_key)} (model.nemo_config {spec.model.nemo_config}: {nemo[nemo_key]})"
+                  for hf_key, nemo_key in HF_TO_NEMO_SHAPE.items()
+                  if nemo_key in nemo and hf.get(hf_key) != nemo[nemo_key]]
+        if differ:
+            raise SpecError(f"model.name: {path} is not the architecture the recipe builds: {'; '.join(differ)}")
 
     def local_overrides(self, smoke: bool, has_cuda: bool) -> list[str]:
         """--smoke without a GPU: NeMo's Megatron path on CPU (the embedded tiny model only)."""

@@ -56,6 +56,23 @@ def _tiny_hf_config() -> dict:
     return TINY_HF_CONFIG
 
 
+# Hugging Face config.json keys -> the NeMo GPTConfig fields they set (as NeMo's importer derives them, below)
+HF_TO_NEMO_SHAPE = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
+                    "intermediate_size": "ffn_hidden_size", "num_attention_heads": "num_attention_heads",
+                    "num_key_value_heads": "num_query_groups", "vocab_size": "vocab_size"}
+
+
+def nemo_config_shape(nemo_config: str) -> dict:
+    """The shape fields of a nemo.collections.llm config class (e.g. Qwen25Config500M), by its defaults."""
+    import dataclasses
+
+    from nemo.collections import llm
+
+    defaults = {f.name: f.default for f in dataclasses.fields(getattr(llm, nemo_config))
+                if f.default is not dataclasses.MISSING}
+    return {field: defaults[field] for field in HF_TO_NEMO_SHAPE.values() if field in defaults}
+
+
 def apply_hf_shape(config: run.Config, hf: dict) -> None:
     """Size fields of a NeMo Qwen2 config from a Hugging Face config, exactly as NeMo's importer
     derives them (nemo/collections/llm/gpt/model/qwen2.py HFQwen2Importer.config), so that the
