@@ -77,3 +77,18 @@ def test_recipes_compose_only_the_stages_they_have(tmp_path):
     spec = resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=megatron", "cluster.accelerator=cpu"])
     with pytest.raises(ValueError, match="composes no 'eval' stage"):
         compose(spec, "eval")
+
+
+def test_spec_fields_lists_every_field_with_its_default_and_help():
+    import subprocess
+    import sys
+
+    from jp_peft.spec.reference import field_rows
+
+    rows = {path: (kind, default, text) for path, kind, default, text in field_rows()}
+    assert rows["cpt.train.lr"] == ("float", "0.0001", "peak learning rate (cosine schedule with warmup)")
+    assert rows["lora.rank"][:2] == ("int", "32") and rows["sft.data.packing"][1] == "True"
+    assert all(text for _, _, text in rows.values())  # a comment above every field in spec/fields.py
+    out = subprocess.run([sys.executable, "-m", "jp_peft.cli", "spec", "fields"], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "eval.limit" in out and "score only the first N items of each task" in out

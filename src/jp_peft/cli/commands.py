@@ -1,4 +1,5 @@
-"""The small subcommands: `jp-peft compare`, `status`, `eval`, `export`, `wandb sync` (each runs code of its package)."""
+"""The small subcommands: `jp-peft compare`, `status`, `eval`, `export`, `spec fields`, `wandb sync` (each runs
+code of its package)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def add_parsers(sub) -> None:
     sync.add_argument("dir")
     sync.set_defaults(handler=cmd_wandb_sync)
 
+    spec = sub.add_parser("spec", help="the experiment spec's fields").add_subparsers(dest="spec_command", required=True)
+    spec.add_parser("fields", help="every spec field: dotted name, type, default and what it does").set_defaults(
+        handler=cmd_spec_fields)
+
 
 def cmd_export(args) -> int:
     from jp_peft.cli.export import run_export_command
@@ -85,3 +90,10 @@ def cmd_wandb_sync(args) -> int:
     from jp_peft.training.wandb_run import sync_offline_runs
 
     return sync_offline_runs(args.dir)
+
+
+def cmd_spec_fields(args) -> int:
+    from jp_peft.spec.reference import format_fields
+
+    print(format_fields())
+    return 0

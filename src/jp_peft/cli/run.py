@@ -23,7 +23,7 @@ Slurm (profiles in slurm/*.yaml), a rank sweep, W&B online if WANDB_API_KEY is e
 Show everything that would run, without running it:
     jp-peft run --executor slurm --slurm-profile h100_pyxis --dryrun
 Overrides are dotted `key=value` (spec fields, e.g. cpt.train.max_steps=2000 lora.rank=16;
-`train.X`/`data.X` set both stages).
+`train.X`/`data.X` set both stages). Every field, its type, default and meaning: jp-peft spec fields
 """
 
 

@@ -46,6 +46,7 @@ def _choice(value: str, choices: tuple[str, ...], field_name: str) -> None:
 class ModelSpec:
     """Which base model. `name` is a hub id or a local Hugging Face directory."""
 
+    # a hub id, or a local Hugging Face directory (config.json, tokenizer, weights)
     name: str = "Qwen/Qwen2.5-0.5B"
     # Embedded tiny Qwen2 (built from files in the repo) instead of `name`.
     tiny: bool = False
@@ -60,9 +61,13 @@ class ModelSpec:
 class LoraSpec:
     """LoRA adapter shape, in Hugging Face module names."""
 
+    # LoRA rank r of every adapted projection
     rank: int = 32
+    # LoRA alpha; the update is scaled by alpha/rank
     alpha: int = 16
+    # dropout on the adapter's input (PEFT's lora_dropout)
     dropout: float = 0.1
+    # the projections that get adapters (Qwen2's seven by default)
     target_modules: tuple[str, ...] = HF_LORA_TARGETS
     # NeMo applies dropout before the A projection ("pre"), as PEFT does.
     dropout_position: str = "pre"
@@ -111,16 +116,27 @@ class DataSpec:
     before and after every stage: the Japanese gain and the English forgetting.
     """
 
+    # CPT: weighted indexed datasets (name, weight, prefix, source, lang), or a blend YAML path
     blend: tuple[BlendEntry, ...] = ()
+    # SFT: the prepared training JSONL (Qwen ChatML input/output)
     sft_train: str | None = None
+    # SFT: the prepared validation JSONL (optional)
     sft_val: str | None = None
+    # SFT: raw files the data stage prepares into sft_train
     sft_source: tuple[str, ...] = ()
+    # format of sft_source: chatml or alpaca
     sft_format: str = "chatml"
+    # held-out Japanese indexed-dataset prefix (the gain)
     val_ja: str | None = None
+    # raw text the data stage prepares into val_ja
     val_ja_source: tuple[str, ...] = ()
+    # held-out English indexed-dataset prefix (the forgetting)
     val_en: str | None = None
+    # raw text the data stage prepares into val_en
     val_en_source: tuple[str, ...] = ()
+    # tokens per training sequence
     seq_length: int = 2048
+    # SFT: pack several examples per sequence (Megatron: GPU only)
     packing: bool = True
     # English replay share of the CPT blend: when set, the weights become 1 - r for the Japanese (and
     # "any") entries and r for the English ones, each group split in its declared proportions; an entry
@@ -169,18 +185,31 @@ def _with_replay_ratio(blend: tuple[BlendEntry, ...], ratio: float) -> tuple[Ble
 class TrainSpec:
     """Optimisation of one stage. Defaults: shared/seeds/000 section 10.1."""
 
+    # optimizer steps of the stage
     max_steps: int = 1000
+    # sequences per forward/backward on one device
     micro_batch_size: int = 4
+    # sequences per optimizer step (micro x data-parallel x accumulation)
     global_batch_size: int = 16
+    # peak learning rate (cosine schedule with warmup)
     lr: float = 1e-4
+    # learning rate at the end of the cosine
     min_lr: float = 0.0
+    # linear warmup steps
     warmup_steps: int = 100
+    # AdamW weight decay
     weight_decay: float = 0.0
+    # clip the gradient norm to this (0: off)
     grad_clip: float = 1.0
+    # validate (JA and EN) every N steps
     val_check_interval: int = 100
+    # validation batches per language
     limit_val_batches: int = 32
+    # save a checkpoint every N steps (and at a stop)
     ckpt_every_n_steps: int = 100
+    # bf16-mixed, 16-mixed, 32, 32-true or bf16-true (CPUs train in fp32)
     precision: str = "bf16-mixed"
+    # data order, initialisation and each step's dropout seed
     seed: int = 1234
     # Learning rate of the input embeddings and output layer under method lora_embed (None: `lr`).
     # CPT guides train them 2-10x slower than the adapters: they move every token's representation.
@@ -188,6 +217,7 @@ class TrainSpec:
     # Stop the stage after this many validations without the Japanese validation loss improving by
     # more than `early_stopping_min_delta` (0: off, the stage runs max_steps).
     early_stopping_patience: int = 0
+    # the improvement of the Japanese validation loss that counts (with early_stopping_patience)
     early_stopping_min_delta: float = 0.0
 
     def __post_init__(self):
@@ -217,10 +247,15 @@ class TrainSpec:
 class ClusterSpec:
     """Parallel layout. data-parallel size = nodes x gpus / (tp x pp x cp)."""
 
+    # nodes of a training stage
     num_nodes: int = 1
+    # GPUs (ranks) per node
     gpus_per_node: int = 1
+    # tensor-parallel size (Megatron)
     tensor_parallel: int = 1
+    # pipeline-parallel size (Megatron)
     pipeline_parallel: int = 1
+    # context-parallel size (Megatron)
     context_parallel: int = 1
     # "cpu" runs NeMo's Megatron path on CPU (the embedded tiny model only: the CI tier and --smoke)
     accelerator: str = "gpu"
@@ -262,9 +297,13 @@ class StageSpec:
 class WandbSpec:
     """W&B run identity. Offline unless WANDB_API_KEY is set; the key never enters the spec."""
 
+    # log to W&B (offline unless WANDB_API_KEY is set)
     enabled: bool = True
+    # W&B project
     project: str = "jp-peft"
+    # W&B entity (team); None: the key's default
     entity: str | None = None
+    # extra W&B tags (the stage and backend are always added)
     tags: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -287,6 +326,7 @@ class EvalSpec:
     num_fewshot: int | None = None
     # score only the first N items of each task; None: all of them
     limit: int | None = None
+    # lm-eval batch size
     batch_size: int = 8
     # local task data: DATA_DIR/<task>/<split>.jsonl (Hub rows, unchanged); the bundled jpeft_* need none
     data_dir: str | None = None
@@ -294,7 +334,9 @@ class EvalSpec:
     include_path: tuple[str, ...] = ()
     # greedy answers of every model to the bundled Japanese prompts -> eval/samples.jsonl
     generation: bool = True
+    # length of each greedy sample
     max_new_tokens: int = 64
+    # python/numpy/torch/few-shot seed of the evaluation
     seed: int = 1234
 
     def __post_init__(self):
@@ -324,11 +366,15 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class ExperimentSpec:
+    # the run's name: its directory OUTPUT_DIR/NAME and its W&B run names
     name: str = "qwen_lora_ja"
     # Runs of one sweep share a group: their W&B group and the directory of shared stages.
     group: str | None = None
+    # training engine: megatron (NeMo, CUDA; CPU only for the tiny model) or hf (transformers + peft)
     backend: str = "megatron"
+    # where run directories go (relative: from the current directory)
     output_dir: str = "runs"
+    # the stages to run, a subset of import, data, cpt, sft, export, eval
     stages: tuple[str, ...] = STAGES
     model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
