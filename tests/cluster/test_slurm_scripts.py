@@ -339,6 +339,6 @@ def test_slurm_without_sbatch_exits_2_naming_it_and_dryrun_still_works(tmp_path)
                           timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "sbatch" in proc.stderr, proc.stderr
-    dry = subprocess.run([*EXPERIMENT, "--dryrun", "--output-dir", str(tmp_path / "runs")], capture_output=True,
+    dry = subprocess.run([*EXPERIMENT, "--dryrun", "--verbose", "--output-dir", str(tmp_path / "runs")], capture_output=True,
                          text=True, timeout=300, cwd=REPO, env=env)
     assert dry.returncode == 0 and "#SBATCH --job-name=jp-peft.smoke-import" in dry.stdout, dry.stderr[-2000:]

@@ -49,8 +49,10 @@ def parse_args(argv=None, prog: str = "jp-peft run") -> argparse.Namespace:
     parser.add_argument("--slurm-profile", default="local", help="slurm/<name>.yaml or a path (default: local)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     parser.add_argument("--wait", action="store_true", help="slurm: block until every job has finished")
-    parser.add_argument("--dryrun", action="store_true", help="print every task's config and executor; run nothing "
-                        "and change no file")
+    parser.add_argument("--dryrun", action="store_true", help="print the resolved spec, then each task: would run "
+                        "or done, its executor, its composed config; run nothing and change no file")
+    parser.add_argument("--verbose", action="store_true", help="with --dryrun: executors in full, the spec in every "
+                        "task, the sbatch scripts")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a run over when its directory holds a run of another spec (default: the same "
                         "spec resumes it, a different one is refused)")
@@ -100,7 +102,7 @@ def main(argv=None, prog: str = "jp-peft run") -> int:
         if stages is not None and not any(stages):
             raise SpecError("--stages: empty; name at least one of " + ",".join(STAGES))
         return launch(values, overrides, args.sweep, stages, executor=args.executor, profile=args.slurm_profile,
-                      dryrun=args.dryrun, wait=args.wait, overwrite=args.overwrite)
+                      dryrun=args.dryrun, wait=args.wait, overwrite=args.overwrite, verbose=args.verbose)
     except (SpecError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

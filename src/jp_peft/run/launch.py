@@ -15,7 +15,7 @@ from pathlib import Path
 from jp_peft.records import layout as rundir
 from jp_peft.run.plan import PlannedTask, add_tasks, new_experiment, plan
 from jp_peft.backends import backend_of
-from jp_peft.spec.stages import EVAL, TRAINED_STAGES as TRAINING, stage as stage_row
+from jp_peft.spec.stages import EVAL, TRAIN as TRAIN_KIND, TRAINED_STAGES as TRAINING, stage as stage_row
 
 
 def task_record(task: PlannedTask) -> Path:
@@ -49,7 +49,7 @@ def executor_factory(kind: str, profile_name, base_dir: Path):
 
 
 def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[str] | None, *, executor: str,
-           profile: str, dryrun: bool, wait: bool, overwrite: bool = False) -> int:
+           profile: str, dryrun: bool, wait: bool, overwrite: bool = False, verbose: bool = False) -> int:
     from jp_peft.run.locks import RunLocks, check_reuse, start_over
 
     if executor == "slurm":  # a missing or broken profile is refused before anything is planned or written
@@ -66,7 +66,7 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
         after = f" after {', '.join(task.depends_on)}" if task.depends_on else ""
         print(f"  {task.name}{after}")
     if dryrun:
-        return show_dryrun(tasks, executor, profile)
+        return show_dryrun(tasks, executor, profile, verbose)
     check_output_dir(first)
     with RunLocks(specs):
         for spec in restart:
@@ -337,24 +337,60 @@ def render_sbatch_scripts(tasks: list[PlannedTask], profile, base_dir: Path | No
     return scripts
 
 
-def show_dryrun(tasks: list[PlannedTask], executor: str, profile) -> int:
-    """Every task's composed configuration (for Megatron stages the whole NeMo recipe: llm.finetune,
-    model config, LoRA, data module, trainer, strategy, optimizer, logger, resume) and its executor.
-    Writes nothing under the run directories: a finished run stays as it is."""
+def show_dryrun(tasks: list[PlannedTask], executor: str, profile, verbose: bool = False) -> int:
+    """What would run, for a person to read: each run's resolved spec once (YAML; a sweep's other variants by
+    the fields they change), then per task whether it would run or is done, its executor in one line and its
+    composed configuration (for Megatron stages the whole NeMo recipe: llm.finetune, model config, LoRA, data
+    module, trainer, strategy, optimizer, logger, resume; for hf training the stage's spec section).
+    `verbose`: executors in full, the spec inside every task, and the sbatch scripts. Writes nothing under the
+    run directories: a finished run stays as it is."""
     import tempfile
 
+    import yaml
+
+    from jp_peft.records.fingerprint import differences, finished_earlier, fingerprint
     from jp_peft.run.plan import task_config
 
+    specs = list({t.spec.run_dir: t.spec for t in tasks}.values())
+    print(f"\n=== resolved spec of {specs[0].name} ===")
+    print(yaml.safe_dump(specs[0].to_dict(), sort_keys=False, allow_unicode=True).rstrip())
+    for spec in specs[1:]:
+        print(f"\n=== {spec.name}: the same except ===")
+        print("\n".join(differences(specs[0].to_dict(), spec.to_dict())))
     with tempfile.TemporaryDirectory(prefix="jp-peft-dryrun-") as scratch:
         executor_for = executor_factory(executor, profile, Path(scratch))
         for task in tasks:
-            print(f"\n=== {task.name} ({task.stage}{' ' + task.target if task.target else ''}) ===")
-            print(format_config(task_config(task)))
-            print(f"executor: {executor_for(task)!r}")
+            done = not stage_row(task.stage).shared and \
+                finished_earlier(task_record(task), fingerprint(task.spec, task.stage))
+            print(f"\n=== {task.name} ({task.stage}{' ' + task.target if task.target else ''}): "
+                  f"{'done earlier with this spec: kept' if done else 'would run'} ===")
+            chosen = executor_for(task)
+            print(f"executor: {chosen!r}" if verbose else f"executor: {executor_summary(chosen)}")
+            config = task_config(task)
+            if not verbose:  # the spec was printed once above
+                config.spec = f"<the resolved spec of {task.spec.name}, above>"
+            print(format_config(config))
+            section = stage_row(task.stage).section
+            if config.recipe is None and stage_row(task.stage).kind == TRAIN_KIND and section:
+                print(f"  {task.spec.backend} backend trains the {section} section:")
+                print(yaml.safe_dump({section: task.spec.to_dict()[section]}, sort_keys=False).rstrip())
         if executor == "slurm":  # what sbatch would receive, rendered in the scratch dir
-            for name, script in render_sbatch_scripts(tasks, profile, Path(scratch) / "sbatch").items():
+            scripts = render_sbatch_scripts(tasks, profile, Path(scratch) / "sbatch")
+            if not verbose:
+                print(f"\n{len(scripts)} sbatch scripts: --dryrun --verbose prints them")
+            for name, script in scripts.items() if verbose else ():
                 print(f"\n=== {name}: sbatch script ===\n{script}")
     return 0
+
+
+def executor_summary(chosen) -> str:
+    """An executor in one line: its kind and the fields a person checks (nodes, tasks, GPUs, partition, time)."""
+    fields = ("nodes", "ntasks_per_node", "gpus_per_node", "partition", "account", "time", "container_image")
+    shown = [f"{name}={getattr(chosen, name)}" for name in fields if getattr(chosen, name, None) not in (None, "", [])]
+    launcher = getattr(chosen, "launcher", None)
+    if launcher is not None:
+        shown.append(f"launcher={launcher if isinstance(launcher, str) else type(launcher).__name__}")
+    return f"{type(chosen).__name__}({', '.join(shown)})"
 
 
 def format_config(config) -> str:
