@@ -17,7 +17,7 @@ import pytest
 from jp_peft.cluster import executors
 from jp_peft.cluster.executors import ProfileError, load_profile
 from jp_peft.run.plan import plan
-from jp_peft.run.launch import render_sbatch_scripts
+from jp_peft.run.dryrun import render_sbatch_scripts
 from jp_peft.spec import load_preset
 
 REPO = Path(__file__).resolve().parents[2]

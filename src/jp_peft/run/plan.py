@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jp_peft.backends import backend_of
+from jp_peft.records import layout as rundir
 from jp_peft.spec import ExperimentSpec, SpecError, parse_sweep, resolve_spec, variant_suffix, with_stages
 from jp_peft.spec.stages import EVAL, EXPORT, SHARED_STAGES, single_stage
 
@@ -116,3 +117,33 @@ def add_tasks(exp, tasks: list[PlannedTask], executor_for) -> None:
         deps = [ids[name] for name in task.depends_on]
         ids[task.name] = exp.add(task_config(task), executor=executor_for(task), name=task.name,
                                  dependencies=deps or None, tail_logs=False)
+
+
+def task_record(task: PlannedTask) -> Path:
+    """What a task leaves behind when it finished: the launcher's proof of success."""
+    return rundir.stage_record(task.spec, task.stage, task.target)
+
+
+def executor_factory(kind: str, profile_name, base_dir: Path):
+    """`profile_name`: a name or path of slurm/*.yaml, or an already loaded SlurmProfile."""
+    from jp_peft.cluster.executors import SlurmProfile, load_profile, local_executor, slurm_executor
+
+    if kind == "local":
+        def for_task(task: PlannedTask):
+            needs = backend_of(task.spec).launch_needs(task.spec, task.stage)
+            # torchrun for distributed ranks on GPUs; NeMo's CPU tier is one process, which NeMo sets up by itself
+            # and a stop reaches directly (torchrun would stand between the signal and NeMo's preemption save)
+            return local_executor(devices=needs.processes_per_node, torchrun=needs.distributed and not needs.on_cpu)
+        return for_task
+
+    profile = profile_name if isinstance(profile_name, SlurmProfile) else load_profile(profile_name)
+
+    def for_task(task: PlannedTask):
+        needs = backend_of(task.spec).launch_needs(task.spec, task.stage)
+        if needs.distributed:
+            return slurm_executor(profile, str(base_dir / "experiments"), torchrun=True, nodes=needs.nodes,
+                                  gpus_per_node=needs.processes_per_node, on_cpu=needs.on_cpu)
+        # one-process stages (hf training and the light stages): one node, one task (one GPU if the partition has them)
+        gpus = min(profile.gpus_per_node, 1)
+        return slurm_executor(profile, str(base_dir / "experiments"), torchrun=False, nodes=1, gpus_per_node=gpus)
+    return for_task
