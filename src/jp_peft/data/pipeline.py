@@ -15,6 +15,10 @@ A shard is a contiguous byte range of the inputs (a gzip file is never split), s
 input order and the outputs do not depend on how many tasks there are or where they run. Every
 task's memory is bounded by its shard (and the clusters task's by the number of duplicates), not
 by the corpus.
+
+Over 400 lines because the plan and the steps that read and write the work directory's record
+formats (survivors, rejects, duplicates) belong together; the MinHash steps, which follow datatrove's
+own formats instead, are data/minhash_steps.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from jp_peft.spec.stages import STAGES, TRAINED_STAGES
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place.
 
-    `train.X=...` and `data.X=...` are shorthands that set the field in both cpt and sft.
+    `train.X=...` and `data.X=...` are shorthands that set the field in every trained stage (cpt and sft).
     """
     for item in overrides:
         if "=" not in item:
@@ -32,7 +32,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, raw = item.split("=", 1)
         value = _parse_value(raw)
         parts = key.strip().split(".")
-        targets = [["cpt"] + parts, ["sft"] + parts] if parts[0] in ("train", "data") else [parts]
+        targets = [[stage] + parts for stage in TRAINED_STAGES] if parts[0] in ("train", "data") else [parts]
         for target in targets:
             node = values
             for part in target[:-1]:

@@ -24,7 +24,7 @@ from jp_peft.data.blocks import EvalBlocks
 from jp_peft.records import layout as rundir
 from jp_peft.records.metrics import LANGUAGES, STEP, StageMetrics, params_record, validation_row
 from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
-from jp_peft.spec.stages import BLEND, stage as stage_row
+from jp_peft.spec.stages import BLEND, CHAT, stage as stage_row
 from jp_peft.training.interrupt import StageInterrupted
 
 
@@ -188,12 +188,15 @@ def build_datasets(spec: ExperimentSpec, stage: str, tokenizer):
     stage_spec = spec.stage(stage)
     data, train = stage_spec.data, stage_spec.train
     num_samples = train.max_steps * train.global_batch_size
-    if stage_row(stage).data_kind == BLEND:
+    kind = stage_row(stage).data_kind
+    if kind == BLEND:
         train_set = BlendedBlocks([b.prefix for b in data.blend], data.blend_weights(), data.seq_length, num_samples,
                                   train.seed)
-    else:
+    elif kind == CHAT:
         train_set = SFTDataset(data.sft_train, tokenizer, data.seq_length, num_samples, train.seed,
                                data.packing, tokenizer.pad_token_id or tokenizer.eos_token_id)
+    else:  # a stage of another data kind trains elsewhere, never silently as one of these
+        raise ValueError(f"{stage}: the hf trainer has no dataset for data kind {kind!r}")
     val_sets = {lang: EvalBlocks(getattr(data, f"val_{lang}"), data.seq_length,
                                  train.limit_val_batches * train.micro_batch_size) for lang in LANGUAGES}
     return train_set, val_sets
