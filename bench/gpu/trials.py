@@ -39,7 +39,8 @@ def trial_overrides(args, base: Path | None, name: str, backend: str, seq: int, 
 def trial_spec(args, base, name, backend, seq, micro, steps):
     from jp_peft.spec import load_preset, resolve_spec
 
-    return resolve_spec(load_preset("smoke" if args.tiny else "qwen25_500m_ja"), trial_overrides(args, base, name, backend, seq, micro, steps), cwd=REPO)
+    return resolve_spec(load_preset("smoke" if args.tiny else "qwen25_500m_ja"),
+                        trial_overrides(args, base, name, backend, seq, micro, steps), cwd=REPO)
 
 
 def trial_name(config: str, seq: int, micro: int) -> str:
