@@ -221,7 +221,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
 
     for logger in loggers:
         logger.log_hyperparams(params_record(trainable, total, stage_spec.method))
-    stage_dir, ckpt_dir, train_log = rundir.stage_dir(spec, stage), rundir.checkpoints(spec, stage), rundir.train_log(spec, stage)
+    stage_dir, ckpt_dir, train_log = rundir.stage_dir(spec, stage), rundir.trainer_checkpoints(spec, stage), rundir.train_log(spec, stage)
     resume_from = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else None
     if resume_from is None:  # the base's own perplexities, before any training of this stage
         module.base_val = {lang: module.evaluate(lang, disable_adapter=True) for lang in val_sets}
