@@ -40,15 +40,22 @@ def test_stages_complete_in_dependency_order(slurm_smoke):
     assert list(jobs) == order
     infos = [job_info(jobs[name]) for name in order]
     assert [i["JobState"] for i in infos] == ["COMPLETED"] * len(order)
+    # Slurm clears a met dependency (Dependency=(null) afterwards), but keeps when the job became eligible:
+    # a job without a dependency is eligible at its submission, one with afterok when its dependency ended.
+    # Every job was submitted up front (before the CPT ended), so only afterok makes these hold.
+    cpt_end = infos[order.index("smoke-cpt")]["EndTime"]
+    assert max(i["SubmitTime"] for i in infos) < cpt_end, [(i["JobId"], i["SubmitTime"]) for i in infos]
     for before, after in zip(infos, infos[1:]):
-        assert after["StartTime"] >= before["EndTime"]  # afterok: never before the dependency ended
-        assert f"afterok:{before['JobId']}" in after.get("Dependency", "") or after.get("Dependency") == "(null)"
+        assert after["EligibleTime"] >= before["EndTime"], (before["JobId"], before["EndTime"], after)
+        assert after["StartTime"] >= after["EligibleTime"]
     for stage in ("cpt", "sft"):
         d = out / "smoke" / stage
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["steps"] == (8 if stage == "cpt" else 6)
         assert (d / "hf_adapter" / "adapter_model.safetensors").exists() and (d / "hf_merged" / "config.json").exists()
-        assert all(c["ok"] for c in json.loads((d / "export.json").read_text())["checks"])
+        checks = json.loads((d / "export.json").read_text())["checks"]
+        assert sorted(c["check"] for c in checks) == ["hf_merged_vs_trained", "peft_adapter_vs_hf_merged"]
+        assert all(c["ok"] is True for c in checks), checks
     assert "JA before" in proc.stdout
     # --wait shows the training progress a local launch shows, read from the jobs' logs
     assert re.search(r"\[jp-peft\] smoke-cpt: step \d+/8 loss \d+\.\d+ [\d,]+ tok/s ETA", proc.stdout), proc.stdout[-3000:]
@@ -85,7 +92,9 @@ def test_failing_stage_leaves_dependents_unrun_and_points_to_its_log(cluster, tm
     sft = job_info(jobs["broken-sft"])
     assert sft["JobState"] == "CANCELLED"  # it could never start: not left pending in the queue
     assert "cancelled broken-sft: a job they depend on failed" in proc.stderr
-    assert sft.get("StartTime") in (None, "Unknown", "None") or sft["JobState"] != "COMPLETED"
+    # it never ran: never eligible (its afterok was never met), no run time (a cancelled pending job gets
+    # StartTime = EndTime = the cancel time, so StartTime shows nothing)
+    assert sft["EligibleTime"] == "Unknown" and sft["RunTime"] == "00:00:00", sft
     log = re.search(r"FAILED: broken-cpt: FAILED \(\S+\); log: (\S+)", proc.stderr)
     assert log, proc.stderr
     log_path = Path(log.group(1).replace("%j", jobs["broken-cpt"]))
@@ -157,7 +166,9 @@ def test_megatron_cpu_smoke_runs_through_slurm(cluster, tmp_path, tiny_base):
     for stage, steps in (("cpt", 8), ("sft", 6)):
         assert json.loads((run_dir / stage / "metrics.json").read_text())["steps"] == steps
         checks = json.loads((run_dir / stage / "export.json").read_text())["checks"]
-        assert all(c["ok"] and c["max_abs_diff"] <= 1e-4 for c in checks)
+        assert [c["check"] for c in checks] == ["trained_vs_nemo_merged", "nemo_merged_vs_hf_merged",
+                                                "peft_adapter_vs_hf_merged"]
+        assert all(c["ok"] is True and c["max_abs_diff"] <= 1e-4 for c in checks), checks
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backend"] == "megatron" and summary["stages"][0]["ja_ppl_after"] < summary["stages"][0]["ja_ppl_before"]
 
