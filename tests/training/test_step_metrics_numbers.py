@@ -8,7 +8,6 @@ module (plain objects with the attributes it reads; nothing of jp-peft replaced)
 from __future__ import annotations
 
 import json
-import time
 from types import SimpleNamespace
 
 import pytest
