@@ -1,7 +1,8 @@
 """sbatch scripts NeMo-Run renders for the example profiles, compared with golden files.
 
 Container (Pyxis) and bare-metal, 1 and 2 nodes, a sweep; the dependency graph is checked
-beside them. Regenerate on purpose only: JP_PEFT_REGEN_GOLDEN=1 pytest tests/test_slurm_scripts.py
+beside them. Regenerate on purpose only: JP_PEFT_REGEN_GOLDEN=1 pytest tests/cluster/test_slurm_scripts.py
+(that run writes the files and fails, by design; review `git diff tests/cluster/golden`, rerun without)
 """
 
 import dataclasses
@@ -21,8 +22,9 @@ from jp_peft.run.dryrun import render_sbatch_scripts
 from jp_peft.spec import load_preset
 
 REPO = Path(__file__).resolve().parents[2]
-GOLDEN = Path(__file__).parent / "golden"
-pytestmark = pytest.mark.slurm
+GOLDEN = Path(__file__).parent / "golden"  # tests/cluster/golden, beside this module
+# No cluster needed: rendering is in process (unit); the cases that run a rendered job script or the
+# launcher as subprocesses (stub sbatch/srun on PATH) are integration.
 PREPARED = ["cpt.data.blend=[{name: ja, weight: 1.0, prefix: {ROOT}/data/ja_web_text_document}]",
             "cpt.data.val_ja={ROOT}/data/ja_val_text_document", "cpt.data.val_en={ROOT}/data/en_val_text_document",
             "sft.data.val_ja={ROOT}/data/ja_val_text_document", "sft.data.val_en={ROOT}/data/en_val_text_document",
@@ -76,20 +78,26 @@ def render(preset: str, profile, overrides: list[str], sweep: list[str], root: P
     return tasks, render_sbatch_scripts(tasks, profile)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sbatch_scripts_match_golden_files(case, tmp_path):
     tasks, scripts = render_case(case, tmp_path)
     assert set(scripts) == {t.name for t in tasks}
+    regenerate = os.environ.get("JP_PEFT_REGEN_GOLDEN") == "1"  # exactly "1": "0" or "" compares
     for task in tasks:
         got = normalise(scripts[task.name], tmp_path)
         path = GOLDEN / case / f"{task.name}.sbatch"
-        if os.environ.get("JP_PEFT_REGEN_GOLDEN"):
+        if regenerate:  # written, never compared with itself: a regenerating run cannot pass
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(got)
+            continue
         assert path.exists(), f"no golden file {path}; regenerate with JP_PEFT_REGEN_GOLDEN=1"
         assert got == path.read_text(), f"{task.name}: rendered script differs from {path}"
+    if regenerate:
+        pytest.fail(f"regenerated {GOLDEN / case}: review the diff, then rerun without JP_PEFT_REGEN_GOLDEN")
 
 
+@pytest.mark.unit
 def test_scripts_carry_the_cluster_layout_and_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "fakekey-should-never-appear-0123456789")
     tasks, scripts = render_case("pyxis_2nodes", tmp_path)
@@ -105,6 +113,7 @@ def test_scripts_carry_the_cluster_layout_and_no_secret(tmp_path, monkeypatch):
     assert deps["qwen_lora_ja-sft"] == ["qwen_lora_ja-export-cpt"]
 
 
+@pytest.mark.unit
 def test_sweep_makes_one_chain_per_variant(tmp_path):
     tasks, _ = render_case("local_hf_sweep", tmp_path)
     deps = {t.name: t.depends_on for t in tasks}
@@ -114,6 +123,7 @@ def test_sweep_makes_one_chain_per_variant(tmp_path):
     assert {t.spec.lora.rank for t in tasks if t.stage == "cpt"} == {8, 16}
 
 
+@pytest.mark.unit
 def test_profile_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("partition: gpu\n")
@@ -171,6 +181,7 @@ KEY_HASH_COMMAND = (f"{sys.executable} -c 'import hashlib, os; "
                     "print(\"stage sees key sha256\", hashlib.sha256(os.environ[\"WANDB_API_KEY\"].encode()).hexdigest())'")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("key_path", ["~/.config/jp-peft/wandb_key", "{tmp}/secrets/wandb_key"])
 def test_wandb_key_reaches_the_stage_but_never_the_job_log_script_or_configs(key_path, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)  # the key comes from the file only
@@ -207,6 +218,7 @@ def sbatch_value(script: str, option: str) -> str | None:
     ["stages=[cpt,export,sft]", "cluster.num_nodes=2", "cluster.gpus_per_node=4", "train.global_batch_size=32",
      *PREPARED],
 ], ids=["headline", "2x4gpus"])
+@pytest.mark.unit
 def test_light_stages_run_one_task_and_torchrun_starts_one_process_per_allocated_gpu(overrides, tmp_path):
     tasks, scripts = render("qwen25_500m_ja.yaml", load_profile("h100_pyxis"), overrides, [], tmp_path)
     for task in tasks:
@@ -222,6 +234,7 @@ def test_light_stages_run_one_task_and_torchrun_starts_one_process_per_allocated
             assert "torchrun" not in stage_srun and " python -m " in stage_srun, task.name
 
 
+@pytest.mark.unit
 def test_training_on_more_gpus_than_a_node_has_is_refused_before_submission(tmp_path):
     with pytest.raises(ProfileError, match=r"cluster.gpus_per_node=16 .*h100_pyxis.yaml .*gpus_per_node: 8"):
         render("qwen25_500m_ja.yaml", load_profile("h100_pyxis"),
@@ -232,6 +245,7 @@ def test_training_on_more_gpus_than_a_node_has_is_refused_before_submission(tmp_
 
 # --- the NeMo stack: pinned in pyproject.toml, installed in the container, checked by every job ----
 
+@pytest.mark.unit
 def test_required_stack_is_what_pyproject_pins():
     import tomllib
 
@@ -259,6 +273,7 @@ def fake_distributions(root: Path, versions: dict[str, str]) -> Path:
 STAGE_PROBE = "echo the stage ran"
 
 
+@pytest.mark.integration
 def test_every_job_prints_its_nemo_stack_and_stops_before_the_stage_when_it_is_not_the_pinned_one(tmp_path):
     _, scripts = render_case("local_hf_sweep", tmp_path, setup=())
     for name, script in scripts.items():  # every job: the same check, after the setup, before the stage
@@ -279,6 +294,7 @@ def test_every_job_prints_its_nemo_stack_and_stops_before_the_stage_when_it_is_n
     assert "the stage ran" not in bad.stdout
 
 
+@pytest.mark.unit
 def test_pyxis_jobs_install_the_pins_into_their_own_container_and_check_them_there(tmp_path):
     tasks, scripts = render_case("pyxis_headline", tmp_path)
     profile = load_profile("h100_pyxis")
@@ -303,6 +319,7 @@ EXPERIMENT = [sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--exec
               "--stages", "import"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["- account: a\n- partition: gpu\n", "gpu\n", "42\n", "account: [a\n"],
                          ids=["list", "word", "number", "not-yaml"])
 def test_a_profile_that_is_not_a_mapping_is_refused_naming_the_file(text, tmp_path):
@@ -312,6 +329,7 @@ def test_a_profile_that_is_not_a_mapping_is_refused_naming_the_file(text, tmp_pa
         load_profile(str(bad))
 
 
+@pytest.mark.integration
 def test_a_list_profile_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- account: a\n- partition: gpu\n")
@@ -333,6 +351,7 @@ def path_without_slurm(tmp_path: Path) -> str:
     return f"{Path(sys.executable).parent}:{bin_dir}"
 
 
+@pytest.mark.integration
 def test_slurm_without_sbatch_exits_2_naming_it_and_dryrun_still_works(tmp_path):
     env = {**os.environ, "PATH": path_without_slurm(tmp_path)}
     proc = subprocess.run([*EXPERIMENT, "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True,

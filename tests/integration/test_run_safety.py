@@ -83,9 +83,10 @@ def test_a_second_launch_into_a_busy_run_exits_at_once_naming_the_holder(tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
         time.sleep(0.2)
-    started = time.time()
     second = _run("--output-dir", str(tmp_path), *SHORT, timeout=120)
-    assert second.returncode == 2 and time.time() - started < 30
+    # "at once": it did not wait for the holder, which is still training when the second launch has exited
+    assert first.poll() is None, "the first launch ended before the second was refused: nothing was shown"
+    assert second.returncode == 2
     assert "in use by another launch" in second.stderr and f'"pid": {first.pid}' in second.stderr
     assert first.wait(timeout=900) == 0
     assert json.loads((tmp_path / "smoke" / "cpt" / "metrics.json").read_text())["steps"] == 4
@@ -122,11 +123,17 @@ def test_a_signal_stops_the_running_stage_saves_and_says_how_to_resume(tmp_path,
         if log.exists() and sum('"train/loss"' in line for line in log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    sent = time.time()
+    logged_before = sum('"train/loss"' in line for line in log.read_text().splitlines())
     launcher.send_signal(sig)
-    output = launcher.communicate(timeout=120)[0]
-    assert time.time() - sent < 30, "the launcher took too long to stop"
+    output = launcher.communicate(timeout=300)[0]
     assert launcher.returncode == 130, output[-3000:]
+    # stopped at the end of the step it was in, not after its 60 steps nor at the planned checkpoint at 50
+    # (no wall-clock bound: "soon" is the saved step, the last one logged, and nothing trained after it)
+    import torch
+
+    saved = torch.load(tmp_path / "smoke" / "cpt" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    logged = [json.loads(line)["trainer/global_step"] for line in log.read_text().splitlines() if '"train/loss"' in line]
+    assert logged[-1] == saved and logged_before <= saved < 50, (logged_before, saved, logged)
     assert "interrupted" in output and "Resume with the same command" in output
     assert (tmp_path / "smoke" / "cpt" / "checkpoints" / "last.ckpt").exists()  # saved at the end of its step
     assert not (tmp_path / "smoke" / "cpt" / "metrics.json").exists()  # not reported as done
@@ -148,7 +155,7 @@ def test_a_signal_stops_the_running_stage_saves_and_says_how_to_resume(tmp_path,
     assert metrics["steps"] == 60 and metrics["resumed_from"]
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("args, message", [
     (["--stages", ""], "--stages: empty"),
     (["--name", ".."], "name: expected a name"),
@@ -166,7 +173,7 @@ def test_routine_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("content", ["- a\n- b\n", "just a string\n", "42\n"], ids=["list", "scalar", "number"])
 def test_a_preset_that_is_not_a_mapping_names_the_file(tmp_path, content):
     preset = tmp_path / "preset.yaml"
@@ -175,7 +182,7 @@ def test_a_preset_that_is_not_a_mapping_names_the_file(tmp_path, content):
     assert proc.returncode == 2 and f"{preset}: a preset is a mapping" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_output_dir_on_a_file_is_refused_before_anything_starts(tmp_path):
     target = tmp_path / "a_file"
     target.write_text("x")
@@ -184,7 +191,7 @@ def test_output_dir_on_a_file_is_refused_before_anything_starts(tmp_path):
     assert target.read_text() == "x"
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_compare_names_a_missing_or_corrupt_run(tmp_path):
     cli = [sys.executable, "-m", "jp_peft.cli", "compare"]
     proc = subprocess.run([*cli, str(tmp_path / "missing"), "--output", str(tmp_path / "out")], capture_output=True,

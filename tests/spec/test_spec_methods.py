@@ -53,9 +53,23 @@ def test_train_shorthand_sets_both_stages_and_fingerprints():
     assert TrainSpec(early_stopping_patience=0).early_stopping_patience == 0
 
 
-@pytest.mark.parametrize("overrides", [["cpt.method=full"], ["sft.method=lora_embed", "sft.train.embed_lr=1e-4"],
-                                       ["cpt.train.early_stopping_patience=2"]])
-def test_both_backends_take_every_method(overrides):
+@pytest.mark.parametrize("overrides, expected", [
+    (["cpt.method=full"], {("cpt", "method"): "full", ("sft", "method"): "lora"}),
+    (["sft.method=lora_embed", "sft.train.embed_lr=1e-4"],
+     {("sft", "method"): "lora_embed", ("sft", "train", "embed_lr"): 1e-4, ("cpt", "method"): "lora",
+      ("cpt", "train", "embed_lr"): None}),
+    (["cpt.train.early_stopping_patience=2"],
+     {("cpt", "train", "early_stopping_patience"): 2, ("sft", "train", "early_stopping_patience"): 0}),
+])
+def test_both_backends_take_every_method(overrides, expected):
+    from jp_peft.backends import backend_of
+
     for backend in ("megatron", "hf"):
         spec = _spec(*overrides, backend=backend)
         assert spec.backend == backend
+        for path, value in expected.items():  # the override landed where it says, and nowhere else
+            got = spec
+            for name in path:
+                got = getattr(got, name)
+            assert got == value and type(got) is type(value), (backend, path, got)
+        backend_of(spec).validate(spec)  # and the backend accepts it (raises SpecError otherwise)

@@ -88,13 +88,18 @@ def log_adapter_artifact(logger, exp: ExperimentSpec, stage: str, adapter_dir: P
     logger.experiment.log_artifact(artifact)
 
 
+def offline_runs(directory: str) -> list[Path]:
+    """The offline W&B run directories (offline-run-*) anywhere under `directory`, sorted: what sync uploads."""
+    return sorted(p for p in Path(directory).rglob("offline-run-*") if p.is_dir())
+
+
 def sync_offline_runs(directory: str) -> int:
     """Upload every offline run under `directory` with `wandb sync` (the key comes from the environment)."""
     import shutil
     import subprocess
     import sys
 
-    runs = sorted(p for p in Path(directory).rglob("offline-run-*") if p.is_dir())
+    runs = offline_runs(directory)
     if not runs:
         print(f"error: no offline W&B runs under {directory}", file=sys.stderr)
         return 2

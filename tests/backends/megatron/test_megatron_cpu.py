@@ -15,7 +15,6 @@ import pytest
 
 from jp_peft.backends.megatron import cpu as megatron_cpu
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
@@ -25,6 +24,7 @@ def clean_layer():
     megatron_cpu.disable()
 
 
+@pytest.mark.unit
 def test_every_adaptation_names_its_upstream_line_and_matches_the_pinned_source():
     assert len(megatron_cpu.ADAPTATIONS) >= 30
     for adaptation in megatron_cpu.ADAPTATIONS:
@@ -35,6 +35,7 @@ def test_every_adaptation_names_its_upstream_line_and_matches_the_pinned_source(
             assert source.count(old) == (count[0] if count else 1), (adaptation.target, old)
 
 
+@pytest.mark.unit
 def test_enable_applies_every_adaptation_and_disable_restores_upstream(clean_layer):
     originals = {a.target: megatron_cpu._resolve(a.target).__code__ for a in megatron_cpu.ADAPTATIONS}
     applied = megatron_cpu.enable()
@@ -50,6 +51,7 @@ def test_enable_applies_every_adaptation_and_disable_restores_upstream(clean_lay
         assert megatron_cpu._resolve(target).__code__ is code, target
 
 
+@pytest.mark.unit
 def test_an_adapted_function_runs_the_edit(clean_layer):
     """megatron's no-TE l2-norm fallback returns its result on 'cuda': on CPU torch it raises before,
     and computes the norm after."""
@@ -64,6 +66,7 @@ def test_an_adapted_function_runs_the_edit(clean_layer):
     assert float(norm) == pytest.approx(5.0)
 
 
+@pytest.mark.unit
 def test_other_upstream_code_is_refused_loudly(clean_layer, monkeypatch):
     adaptation = megatron_cpu.ADAPTATIONS[0]
     monkeypatch.setattr(megatron_cpu, "ADAPTATIONS", (dataclasses.replace(adaptation, sha256="0" * 16),))
@@ -75,6 +78,7 @@ def test_other_upstream_code_is_refused_loudly(clean_layer, monkeypatch):
         megatron_cpu.enable()
 
 
+@pytest.mark.unit
 def test_other_versions_are_refused(monkeypatch):
     from importlib import metadata
 
@@ -85,6 +89,7 @@ def test_other_versions_are_refused(monkeypatch):
         megatron_cpu.check_versions()
 
 
+@pytest.mark.unit
 def test_never_applied_where_cuda_is_available(clean_layer, monkeypatch):
     import torch
 
@@ -97,6 +102,7 @@ def test_never_applied_where_cuda_is_available(clean_layer, monkeypatch):
     assert "cuda" not in kinds
 
 
+@pytest.mark.unit
 def test_closures_and_properties_keep_working(clean_layer):
     """Adapted methods that use zero-argument super() keep their __class__ cell; properties adapt their getter."""
     megatron_cpu.enable()
