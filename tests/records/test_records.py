@@ -95,3 +95,13 @@ def test_presets_by_name_and_the_bundled_files_they_name(tmp_path):
     for source in (*spec.cpt.data.blend[0].source, *spec.sft.data.sft_source, *spec.cpt.data.val_ja_source):
         with open(source, encoding="utf-8") as handle:  # {repo}/data/... resolves to the bundled samples
             assert json.loads(handle.readline())
+
+
+def test_sft_without_an_export_stage_starts_from_what_cpt_training_wrote(tmp_path):
+    spec = resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "stages=[import,data,cpt,sft]"])
+    with pytest.raises(MissingRecord, match="sft starts from cpt's merged model, .* add the export stage"):
+        layout.stage_start_hf(spec, "sft")
+    merged = layout.hf_merged(spec, "cpt")
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text("{}")  # the hf backend's training writes hf_merged/ itself
+    assert layout.stage_start_hf(spec, "sft") == str(merged.resolve())

@@ -222,7 +222,11 @@ def stage_start_hf(spec: ExperimentSpec, stage: str) -> str:
     it follows (the stage table's starts_from: SFT after CPT). Exported adapters name it as their base, and
     before/after perplexities compare to it."""
     previous = previous_trained(stage, spec.stages)
-    if previous is not None:
+    if previous is None:
+        return base_model_dir(spec)
+    if any(stage_row(s).kind == EXPORT for s in spec.stages):  # the checked export, when the run exports
         read_json(export_record(spec, previous), f"{stage} starts from the exported {previous} result")
-        return str(hf_merged(spec, previous).resolve())
-    return base_model_dir(spec)
+    elif not (hf_merged(spec, previous) / "config.json").exists():  # else what training itself wrote (hf)
+        raise MissingRecord(f"{stage} starts from {previous}'s merged model, {hf_merged(spec, previous)}, which is not "
+                            "there: add the export stage to the stages")
+    return str(hf_merged(spec, previous).resolve())
