@@ -181,7 +181,7 @@ def run_parity_job(job: dict) -> dict:
 
     from jp_peft.records import layout as rundir
     from jp_peft.backends.megatron import cpu as megatron_cpu
-    from jp_peft.backends.megatron import imported_base_path
+    from jp_peft.backends.megatron.compose import imported_base_path
     from jp_peft.backends.megatron.stages import last_checkpoint
     from jp_peft.export import parity
     from jp_peft.backends.megatron.merge import merge_lora, nemo_logits
