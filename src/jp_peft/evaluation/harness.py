@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from jp_peft.evaluation.tasks import PreparedTasks, check_available, prepared_tasks, sha256_file
+from jp_peft.evaluation.tasks import PreparedTasks, check_available, prepared_tasks
+from jp_peft.resources import sha256_file
 from jp_peft.records.layout import write_json
 
 RESULTS_FORMAT = 1

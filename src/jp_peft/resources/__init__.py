@@ -15,6 +15,7 @@ Placeholders in presets, blends and profiles:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import subprocess
 from pathlib import Path
@@ -28,6 +29,15 @@ def bundled_root() -> Path:
 def bundled(relative: str) -> Path:
     """A bundled file or folder, e.g. bundled('data/blends/ja90_en10.yaml')."""
     return bundled_root() / relative
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (task data, checkpoint archives, tokenizer files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def profile_dir() -> Path:

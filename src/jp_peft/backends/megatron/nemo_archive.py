@@ -12,6 +12,8 @@ import os
 import tarfile
 from pathlib import Path
 
+from jp_peft.resources import sha256_file
+
 REQUIRED = ("context", "weights")
 # What NeMo opens first in each part: io.load_context reads context/io.json; megatron.core's
 # dist-checkpoint loader reads weights/metadata.json (dist_checkpointing.core.CONFIG_FNAME).
@@ -20,14 +22,6 @@ FIRST_READ = {"context": "io.json", "weights": "metadata.json"}
 
 class ArchiveError(ValueError):
     pass
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_checkpoint_dir(ckpt: str | Path) -> list[Path]:
@@ -79,7 +73,7 @@ def write_nemo_archive(ckpt: str | Path, output: str | Path) -> dict:
 def verify_nemo_archive(archive: str | Path, ckpt: str | Path) -> dict:
     """Every file of the checkpoint is in the archive with the same bytes, and nothing else is."""
     ckpt = Path(ckpt)
-    expected = {str(p.relative_to(ckpt)): _digest(p) for p in check_checkpoint_dir(ckpt)}
+    expected = {str(p.relative_to(ckpt)): sha256_file(p) for p in check_checkpoint_dir(ckpt)}
     found = {}
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():
