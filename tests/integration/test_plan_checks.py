@@ -52,6 +52,6 @@ def test_a_dry_run_of_one_stage_on_a_fresh_directory_shows_it(tmp_path):
     proc = _run("--smoke", "--stages", "cpt", "--dryrun", "--output-dir", "runs", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "warning: a launch would be refused: cpt.data.blend[ja]: not prepared yet" in proc.stderr
-    assert "=== smoke-cpt (cpt) ===" in proc.stdout and not (tmp_path / "runs").exists()
+    assert "=== smoke-cpt (cpt): would run ===" in proc.stdout and not (tmp_path / "runs").exists()
     refused = _run("--smoke", "--stages", "cpt", "--output-dir", "runs", cwd=tmp_path)
     assert refused.returncode == 2 and "cpt.data.blend[ja]: not prepared yet" in refused.stderr

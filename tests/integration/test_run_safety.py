@@ -53,9 +53,10 @@ def test_the_same_spec_resumes_and_keeps_finished_stages(short_run):
 @pytest.mark.integration
 @pytest.mark.parametrize("change, field", [(["cpt.train.lr=0.05"], "cpt.train.lr: 0.01 -> 0.05"),
                                            (["lora.rank=8"], "lora.rank: 32 -> 8"),
-                                           (["--hf-model", "/elsewhere/Qwen2.5-0.5B"], "model.name")])
+                                           (["--hf-model", "{tiny_base}"], "model.name")])  # a real model dir
 @pytest.mark.parametrize("dryrun", [False, True], ids=["launch", "dryrun"])
-def test_a_different_spec_is_refused_before_anything_starts(short_run, change, field, dryrun):
+def test_a_different_spec_is_refused_before_anything_starts(short_run, tiny_base, change, field, dryrun):
+    change = [c.replace("{tiny_base}", str(tiny_base)) for c in change]  # a model directory the plan accepts
     before = _files(short_run)
     proc = _run("--output-dir", str(short_run), *SHORT, *change, *(["--dryrun"] if dryrun else []), timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
