@@ -95,13 +95,17 @@ def test_a_second_launch_into_a_busy_run_exits_at_once_naming_the_holder(tmp_pat
 
 @pytest.mark.integration
 def test_a_failed_stage_stops_its_dependants_and_shows_its_log(tmp_path):
-    proc = _run("--output-dir", str(tmp_path), "--stages", "import,data,cpt", "--hf-model",
-                str(tmp_path / "no-such-model"), "--no-wandb", timeout=300)
+    broken = tmp_path / "broken-model"  # passes the plan's file check, fails when the import stage loads it
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (broken / name).write_text("{ not json" if name == "config.json" else "")
+    proc = _run("--output-dir", str(tmp_path / "runs"), "--stages", "import,data,cpt", "--hf-model", str(broken),
+                "--no-wandb", timeout=300)
     assert proc.returncode == 1
     assert "FAILED: smoke-import" in proc.stderr and "  | " in proc.stderr  # the failing task's last log lines
     assert "NOT STARTED: smoke-data: smoke-import did not finish" in proc.stderr
     assert "NOT STARTED: smoke-cpt: smoke-data did not finish" in proc.stderr
-    launched = {p.name for p in (tmp_path / "smoke" / "launches" / "experiments").iterdir()}
+    launched = {p.name for p in (tmp_path / "runs" / "smoke" / "launches" / "experiments").iterdir()}
     assert launched == {"smoke-import"}  # the dependants never started a process
     assert "0/3 tasks finished" in proc.stdout
 
