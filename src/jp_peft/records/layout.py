@@ -224,7 +224,7 @@ def stage_start_hf(spec: ExperimentSpec, stage: str) -> str:
     previous = previous_trained(stage, spec.stages)
     if previous is None:
         return base_model_dir(spec)
-    if any(stage_row(s).kind == EXPORT for s in spec.stages):  # the checked export, when the run exports
+    if spec.exports:  # the checked export, when the run exports
         read_json(export_record(spec, previous), f"{stage} starts from the exported {previous} result")
     elif not (hf_merged(spec, previous) / "config.json").exists():  # else what training itself wrote (hf)
         raise MissingRecord(f"{stage} starts from {previous}'s merged model, {hf_merged(spec, previous)}, which is not "

@@ -123,10 +123,9 @@ def run_eval(exp: ExperimentSpec) -> dict:
     """Summary of the experiment: Japanese gain and English forgetting per stage, in validation perplexity
     and in downstream task scores (jp_peft.evaluation: base and every trained stage on the spec's tasks)."""
     rows = []
-    exported_stages = any(stage_row(s).kind == EXPORT for s in exp.stages)
     for stage in exp.trained_stages:
         m = read_stage_metrics(rundir.metrics_file(exp, stage))
-        record = ExportRecord.read(rundir.export_record(exp, stage), "eval") if exported_stages else None
+        record = ExportRecord.read(rundir.export_record(exp, stage), "eval") if exp.exports else None
         rows.append({"stage": stage, "ja_ppl_before": m.base_val_ppl_ja, "ja_ppl_after": m.val_ppl_ja,
                      "en_ppl_before": m.base_val_ppl_en, "en_ppl_after": m.val_ppl_en,
                      "steps": m.steps, "method": m.method, "trainable_params": m.trainable_params,

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jp_peft.spec.stages import BACKEND_NAMES, BLEND, CHAT, STAGES, TRAINED_STAGES, stage as stage_row, trained_with
+from jp_peft.spec.stages import (BACKEND_NAMES, BLEND, CHAT, EXPORT, STAGES, TRAINED_STAGES, single_stage,
+                                 stage as stage_row, trained_with)
 
 # Hugging Face names of Qwen2's seven linear projections (the spec speaks these names;
 # the Megatron backend translates them, see jp_peft.backends.megatron.lora_mapping).
@@ -424,6 +425,11 @@ class ExperimentSpec:
     def stage(self, name: str) -> StageSpec:
         """The spec section of a trained stage (its row's `section` in jp_peft.spec.stages)."""
         return getattr(self, name)
+
+    @property
+    def exports(self) -> bool:
+        """Whether the run has the export stage (each trained stage's checked export)."""
+        return single_stage(EXPORT) in self.stages
 
     @property
     def trained_stages(self) -> tuple[str, ...]:
