@@ -1,9 +1,10 @@
 # The two commands of README.md:
 #   make smoke   set up .venv and run the main job on the embedded default (CPU, minutes)
-#   make test    set up .venv (and the local Slurm cluster) and run every test tier but `gpu`
+#   make test    set up .venv (and the local Slurm cluster) and run every test tier but `gpu` and `slow`
+# make test-all adds the `slow` tier (too long for CI's budget): run it before resolving an issue
 PY := .venv/bin/python
 
-.PHONY: setup smoke test slurm-up slurm-down
+.PHONY: setup smoke test test-all slurm-up slurm-down
 
 setup:
 	bash scripts/setup.sh
@@ -19,4 +20,7 @@ slurm-down:
 	bash slurm/local/stop.sh
 
 test: setup slurm-up
+	$(PY) -m pytest -m "not gpu and not slow"
+
+test-all: setup slurm-up
 	$(PY) -m pytest -m "not gpu"

@@ -55,3 +55,26 @@ def test_a_dry_run_of_one_stage_on_a_fresh_directory_shows_it(tmp_path):
     assert "=== smoke-cpt (cpt): would run ===" in proc.stdout and not (tmp_path / "runs").exists()
     refused = _run("--smoke", "--stages", "cpt", "--output-dir", "runs", cwd=tmp_path)
     assert refused.returncode == 2 and "cpt.data.blend[ja]: not prepared yet" in refused.stderr
+
+
+def test_a_profile_with_the_examples_placeholders_is_refused_before_anything_is_written(tmp_path):
+    """h100_pyxis ships `account: my_account` and mounts under /lustre/fsw/my_account: a launch names each
+    field and writes nothing; the dry run shows the same fields as warnings and goes on."""
+    proc = _run("--executor", "slurm", "--slurm-profile", "h100_pyxis", "--smoke", "--output-dir", "runs",
+                cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next(line for line in proc.stderr.splitlines() if "placeholder" in line)
+    assert "h100_pyxis.yaml: still holds the example profile's placeholder values" in line
+    for field in ("account: my_account", "container_mounts[0]: /lustre/fsw/my_account/jp-peft:/workspace/jp-peft",
+                  "container_mounts[2]: /lustre/fsw/my_account/nemo_home:/root/.cache/nemo"):
+        assert field in line, line
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+    ssh = _run("--executor", "slurm", "--slurm-profile", "baremetal_venv", "--smoke", "--output-dir", "runs",
+               cwd=tmp_path)
+    assert ssh.returncode == 2 and "tunnel.host: login.cluster.example" in ssh.stderr and "tunnel.user: myname" \
+        in ssh.stderr, ssh.stderr
+    dry = _run("--executor", "slurm", "--slurm-profile", "h100_pyxis", "--smoke", "--dryrun", "--output-dir", "runs",
+               cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "warning: a launch would be refused: " in dry.stderr and "placeholder value account: my_account" in dry.stderr
+    assert not (tmp_path / "runs").exists()

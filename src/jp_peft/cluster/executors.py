@@ -143,6 +143,38 @@ class SlurmProfile:
     REQUIRED = ("account", "partition")
 
 
+# The example values the bundled site profiles ship with (h100_pyxis, baremetal_venv): a job submitted with
+# one of them fails in Slurm (an unknown account) or, worse, mounts or logs in somewhere that is not the site's
+PLACEHOLDERS = ("my_account", "myname", "cluster.example")
+
+
+def placeholder_fields(profile: SlurmProfile) -> list[str]:
+    """`field: value` for every profile field (list entries and mapping values included) that still holds
+    one of PLACEHOLDERS."""
+    found = []
+    for name in sorted(set(SlurmProfile.__dataclass_fields__) - {"path"}):
+        value = getattr(profile, name)
+        items = (value.items() if isinstance(value, dict)
+                 else ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, (list, tuple))
+                 else [("", value)])
+        for key, item in items:
+            if isinstance(item, str) and any(marker in item for marker in PLACEHOLDERS):
+                label = f"{name}.{key}" if isinstance(value, dict) else f"{name}{key}"
+                found.append(f"{label}: {item}")
+    return found
+
+
+def check_placeholders(profile: SlurmProfile, dryrun: bool) -> None:
+    """A launch with a profile that still holds example values is refused, naming each field; a dry run
+    (it submits nothing) shows the same lines as a warning."""
+    found = placeholder_fields(profile)
+    if found and not dryrun:
+        raise ProfileError(f"{profile.path}: still holds the example profile's placeholder values; set them for "
+                           f"your site (or copy it and pass --slurm-profile PATH): " + "; ".join(found))
+    for line in found:
+        print(f"warning: a launch would be refused: {profile.path}: placeholder value {line}", file=sys.stderr)
+
+
 def load_profile(name_or_path: str) -> SlurmProfile:
     import yaml
 
