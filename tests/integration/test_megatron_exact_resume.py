@@ -116,11 +116,12 @@ def megatron_group(tmp_path_factory, tiny_base):
 
     out = tmp_path_factory.mktemp("megatron_resume_runs")
     env = {**os.environ, "WANDB_MODE": "disabled", "NEMO_HOME": str(tmp_path_factory.mktemp("nemo_home"))}
-    # cpt and sft for two steps each: the data stage prepares what the spec's trained stages read
+    # cpt and sft for two steps each: the data stage prepares what the spec's trained stages read (and
+    # Megatron's SFT restores the merged checkpoint CPT's export writes)
     short = [f"{stage}.train.{key}={value}" for stage in ("cpt", "sft") for key, value in
              (("max_steps", 2), ("warmup_steps", 1), ("val_check_interval", 2), ("limit_val_batches", 1),
               ("ckpt_every_n_steps", 2))]
-    proc = megatron_experiment("--output-dir", str(out), "--stages", "import,data,cpt,sft", "--no-wandb", *short,
+    proc = megatron_experiment("--output-dir", str(out), "--stages", "import,data,cpt,export,sft", "--no-wandb", *short,
                                env=env)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     return out / "smoke", proc.stdout, env
