@@ -5,9 +5,10 @@ The CI tier has one case (test_megatron_cpu_smoke: CPT, SIGTERM during training)
 grid, behind `slow` (about 30 minutes on 2 cores): `make test-all`. Its group trains CPT and SFT for two
 steps only to prepare their data; each run below is one stage (SFT starts from the imported base, as a spec
 without CPT does).
-The stop is deterministic, as in test_exact_resume.py: Lightning's ModelCheckpoint hook (NeMo's checkpoint
-callback inherits it) is wrapped so that the process signals itself right after the checkpoint of step
-STOP_STEP is written (NeMo saves synchronously on CPU: ckpt_async_save=False).
+The stop is deterministic, as in test_exact_resume.py: NeMo's checkpoint
+callback's save (nemo/lightning/pytorch/callbacks/model_checkpoint.py ModelCheckpoint._save_checkpoint, which
+NeMo calls at the validation of a checkpoint step) is wrapped so that the process signals itself right after
+the `-last` checkpoint of step STOP_STEP is written (synchronous on CPU: ckpt_async_save=False).
   SIGKILL: the process dies there (a node failure); the rerun resumes from step STOP_STEP.
   SIGTERM: NeMo's PreemptionCallback saves at the end of the next step and stops (StageInterrupted, exit 3).
   SIGINT:  Ctrl-C: Lightning's graceful shutdown; the rerun resumes from step STOP_STEP.
@@ -32,19 +33,19 @@ MAX_STEPS, STOP_STEP = 8, 4
 
 STOP_AT_CHECKPOINT = """
 import os, signal, sys
-from lightning.pytorch.callbacks import ModelCheckpoint
+from nemo.lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from jp_peft.cli import main
 
 stop_step, signum = int(os.environ["JP_PEFT_TEST_STOP_STEP"]), int(os.environ["JP_PEFT_TEST_STOP_SIGNAL"])
-on_train_batch_end = ModelCheckpoint.on_train_batch_end
+save_checkpoint = ModelCheckpoint._save_checkpoint
 
-def then_stop(self, trainer, *args, **kwargs):
-    on_train_batch_end(self, trainer, *args, **kwargs)
-    if trainer.global_step == stop_step and any(os.scandir(os.environ["JP_PEFT_TEST_CHECKPOINTS"])):
+def then_stop(self, trainer, filepath, *args, **kwargs):
+    save_checkpoint(self, trainer, filepath, *args, **kwargs)  # synchronous on CPU: finished when it returns
+    if trainer.global_step == stop_step and str(filepath).endswith("-last"):
         print(f"test hook: checkpoint of step {stop_step} written, sending signal {signum}", flush=True)
         os.kill(os.getpid(), signum)
 
-ModelCheckpoint.on_train_batch_end = then_stop
+ModelCheckpoint._save_checkpoint = then_stop
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -80,19 +81,10 @@ def run_stage(stage: str, spec: Path, env: dict, stop: signal.Signals | None = N
     env = {**env, "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "jp_peft.cli"]
     if stop is not None:
-        name = json.loads(spec.read_text())["name"]
-        checkpoints = spec_group_dir(spec) / name / stage / "nemo" / "checkpoints"
-        checkpoints.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-c", STOP_AT_CHECKPOINT]
-        env.update(JP_PEFT_TEST_STOP_STEP=str(STOP_STEP), JP_PEFT_TEST_STOP_SIGNAL=str(int(stop)),
-                   JP_PEFT_TEST_CHECKPOINTS=str(checkpoints))
+        env.update(JP_PEFT_TEST_STOP_STEP=str(STOP_STEP), JP_PEFT_TEST_STOP_SIGNAL=str(int(stop)))
     return subprocess.run([*command, "stage", stage, "--spec", str(spec)], capture_output=True, text=True,
                           timeout=900, cwd=REPO, env=env)
-
-
-def spec_group_dir(spec: Path) -> Path:
-    values = json.loads(spec.read_text())
-    return Path(values["output_dir"]) / values["group"]
 
 
 def rows(stage_dir: Path) -> list[dict]:
@@ -167,7 +159,8 @@ def test_stopped_megatron_stage_resumes_bit_for_bit(megatron_group, uninterrupte
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     metrics = json.loads((stage_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] and metrics["steps"] == MAX_STEPS
-    assert f"-step={held_step}-" in metrics["resumed_from"], metrics  # NeMo's checkpoint names hold the step
+    # NeMo names a checkpoint by the 0-based index of its last step: step=3 holds 4 steps
+    assert f"-step={held_step - 1}-" in metrics["resumed_from"], metrics
 
     ref, got = train_losses(reference), train_losses(stage_dir)
     assert sorted(got) == list(range(1, MAX_STEPS + 1))
