@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from jp_peft.export import deployability as deploy
-from jp_peft.export.model_card import base_license, write_cards
+from jp_peft.export.model_card import base_license, card_datasets, write_cards
 from jp_peft.records import layout
 from jp_peft.records.export_record import ExportRecord
 from jp_peft.records.metrics import StageMetrics, relative_forgetting, relative_gain
@@ -78,6 +78,14 @@ def test_both_cards_parse_and_their_front_matter_is_the_runs_records(tmp_path):
     assert (f"vllm serve /base --enable-lora --lora-modules {spec.name}-cpt={layout.hf_adapter(spec, 'cpt')} "
             "--max-lora-rank 32") in adapter
     assert "AutoModelForCausalLM.from_pretrained" in ModelCard.load(written[1]).text
+
+
+def test_the_merged_sft_model_names_cpts_data_too_and_its_adapter_only_its_own(tmp_path):
+    spec, _ = _run(tmp_path)
+    cpt = [s for e in spec.cpt.data.blend for s in e.source]
+    assert card_datasets(spec, "sft", "hf_adapter") == list(spec.sft.data.sft_source) != []
+    assert card_datasets(spec, "sft", "hf_merged") == [*cpt, *spec.sft.data.sft_source]
+    assert card_datasets(spec, "cpt", "hf_merged") == cpt
 
 
 def test_without_scores_a_card_has_no_model_index(tmp_path):

@@ -45,6 +45,7 @@ def test_every_exported_artifact_has_a_card_that_parses_and_equals_the_runs_reco
         assert data.datasets == datasets[artifact] and data.datasets, artifact
         assert {"jp-peft", stage, metrics["method"], "tiny-test-model"} <= set(data.tags)
         # model-index: the eval stage rewrote the card with this run's scores, one per task
+        assert data.eval_results, f"{artifact}: no model-index: the eval stage did not rewrite the card"
         got = sorted((r.dataset_type, r.metric_type, r.metric_value) for r in data.eval_results)
         assert got == sorted((task, e["metric"], e["value"]) for task, e in scores.items()), artifact
         text = card.text
