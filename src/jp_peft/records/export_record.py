@@ -27,6 +27,9 @@ class ExportRecord:
     nemo_merged: str | None = None  # Megatron: the merged NeMo checkpoint directory
     nemo: dict[str, Any] | str | None = None  # Megatron: the single-file .nemo archive (path, size, sha256)
     spec_fingerprint: str = ""  # of the spec that produced it (jp_peft.records.fingerprint)
+    # Per artifact (hf_adapter, hf_merged, nemo): the targets it was verified on with the numbers, refused by
+    # with the reason, or not verified here (jp_peft.export.deployability); {} in records of older exports.
+    deployability: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -43,6 +46,8 @@ class ExportRecord:
         missing = [name for name in ("method", "hf_merged", "hf_adapter", "adapter_base") if name not in values]
         if missing:
             raise MissingRecord(f"{path}: missing field(s) {', '.join(missing)}; rerun the export stage")
+        if not isinstance(values.get("deployability", {}), dict):
+            raise MissingRecord(f"{path}: deployability is not an object of artifacts; rerun the export stage")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def check(self, name: str) -> dict[str, Any] | None:

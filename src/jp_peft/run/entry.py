@@ -112,8 +112,15 @@ def run_export(exp: ExperimentSpec, target: str) -> dict:
     if target not in exp.trained_stages:
         raise ValueError(f"export: --target must be one of the run's trained stages "
                          f"({', '.join(exp.trained_stages) or 'none'}), got {target!r}")
-    record = dataclasses.replace(backend_of(exp).export(exp, target), spec_fingerprint=fingerprint(exp))
-    record.write(rundir.export_record(exp, target))
+    from jp_peft.export.deployability import deployability, served_name
+    from jp_peft.export.model_card import write_cards
+
+    record = backend_of(exp).export(exp, target)
+    record = dataclasses.replace(record, deployability=deployability(record, served_name(exp, target)),
+                                 spec_fingerprint=fingerprint(exp))
+    for card in write_cards(exp, target, record):  # both backends' exports end here: one place writes the cards
+        _log(f"export {target}: model card {card}")
+    record.write(rundir.export_record(exp, target))  # last: the record says the export (cards included) is done
     return record.to_dict()
 
 
@@ -141,6 +148,12 @@ def run_eval(exp: ExperimentSpec) -> dict:
     for row in rows:
         scores = (downstream or {}).get("models", {}).get(row["stage"], {})
         row.update({key: scores.get(key) for key in DOWNSTREAM_KEYS})
+    if exp.exports:  # the export stage wrote the cards before any score existed: now with this run's scores
+        from jp_peft.export.model_card import write_cards
+
+        results = rundir.read_json(rundir.eval_results(exp), "model cards") if rundir.eval_results(exp).exists() else None
+        for stage in exp.trained_stages:
+            write_cards(exp, stage, ExportRecord.read(rundir.export_record(exp, stage), "model cards"), results)
     summary = {"experiment": exp.name, "group": exp.group_name, "backend": exp.backend, "stages": rows,
                "downstream": downstream, "written": time.time(), "spec_fingerprint": fingerprint(exp, EVAL)}
     rundir.write_json(rundir.summary_file(exp), summary)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jp_peft.backends import backend_of
+from jp_peft.export.deployability import unservable_adapter_warnings
 from jp_peft.records import layout as rundir
 from jp_peft.spec import ExperimentSpec, SpecError, parse_sweep, resolve_spec, variant_suffix, with_stages
 from jp_peft.spec.stages import EVAL, EXPORT, SHARED_STAGES, single_stage
@@ -60,6 +61,7 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
     for stage, _ in run_sequence(base, shared=True):
         tasks.append(PlannedTask(task_name(base, stage), stage, base, list(previous_shared)))
         previous_shared = [tasks[-1].name]
+    warned: set[str] = set()
     for variant in variants:
         if variant:
             suffix = variant_suffix(variant)
@@ -75,6 +77,10 @@ def plan(values: dict, overrides: list[str], sweep: list[str], stages: list[str]
                 raise
             print(f"warning: a launch would be refused: {exc}", file=sys.stderr)
         backend_of(spec).validate(spec)  # what this backend cannot run is refused before anything is queued
+        for line in unservable_adapter_warnings(spec):  # a choice to make knowingly, not a refusal
+            if line not in warned:
+                print(f"warning: {line}", file=sys.stderr)
+                warned.add(line)
         deps = list(previous_shared)
         for stage, target in run_sequence(spec, shared=False):
             tasks.append(PlannedTask(task_name(spec, stage, target), stage, spec, deps, target=target))

@@ -9,11 +9,14 @@ import json
 import shutil
 from pathlib import Path
 
+from jp_peft.export.deployability import summary_line
 from jp_peft.records import layout as rundir
+from jp_peft.records.export_record import ExportRecord
 from jp_peft.run.plan import run_sequence, task_name
 from jp_peft.records.progress import latest_progress
 from jp_peft.records.fingerprint import finished_earlier, fingerprint
 from jp_peft.spec import SHARED_STAGES, TRAINED_STAGES, ExperimentSpec, SpecError, read_spec_file
+from jp_peft.spec.stages import EXPORT, stage as stage_row
 
 
 def load_run(run_dir: Path) -> ExperimentSpec:
@@ -70,4 +73,14 @@ def status_lines(run_dir: Path) -> list[str]:
             latest = latest_progress(rundir.train_log(spec, stage), stage, spec.stage(stage).train.max_steps)
             if latest is not None:
                 lines.append(f"    {latest[1]}")
+        if stage_row(stage).kind == EXPORT and state == "done":
+            lines += deployability_lines(rundir.export_record(spec, target))
     return lines
+
+
+def deployability_lines(path: Path) -> list[str]:
+    """One line per exported artifact: where it was verified, refused or not verified (the export record)."""
+    record = ExportRecord.read(path, "status")
+    if not record.deployability:
+        return ["    deployability: not recorded (an export by an older jp-peft; rerun the export stage)"]
+    return [f"    {artifact:<10} {summary_line(entries)}" for artifact, entries in record.deployability.items()]
