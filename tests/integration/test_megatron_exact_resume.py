@@ -41,7 +41,9 @@ save_checkpoint = ModelCheckpoint._save_checkpoint
 
 def then_stop(self, trainer, filepath, *args, **kwargs):
     save_checkpoint(self, trainer, filepath, *args, **kwargs)  # synchronous on CPU: finished when it returns
-    if trainer.global_step == stop_step and str(filepath).endswith("-last"):
+    # NeMo names a checkpoint by the 0-based index of its last step (step=3 holds 4), with or without ".ckpt"
+    name = str(filepath).removesuffix(".ckpt")
+    if name.endswith("-last") and f"-step={stop_step - 1}-" in name:
         print(f"test hook: checkpoint of step {stop_step} written, sending signal {signum}", flush=True)
         os.kill(os.getpid(), signum)
 
