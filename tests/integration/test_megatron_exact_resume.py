@@ -11,7 +11,7 @@ NeMo calls at the validation of a checkpoint step) is wrapped so that the proces
 the `-last` checkpoint of step STOP_STEP is written (synchronous on CPU: ckpt_async_save=False).
   SIGKILL: the process dies there (a node failure); the rerun resumes from step STOP_STEP.
   SIGTERM: NeMo's PreemptionCallback saves at the end of the next step and stops (StageInterrupted, exit 3).
-  SIGINT:  Ctrl-C: Lightning's graceful shutdown; the rerun resumes from step STOP_STEP.
+  SIGINT:  Ctrl-C: Lightning's graceful shutdown (exit 3, as SIGTERM); the rerun resumes from step STOP_STEP.
 Equality is bit for bit: == on the logged training and validation losses, torch.equal on every tensor of
 the PEFT adapter NeMo's exporter writes from each run's last checkpoint. LoRA dropout 0.1 (the presets') on.
 """
@@ -54,7 +54,9 @@ sys.exit(main(sys.argv[1:]))
 STOPS = {  # signal: (exit status of the stopped process, the step its newest checkpoint holds)
     signal.SIGKILL: (-signal.SIGKILL, STOP_STEP),
     signal.SIGTERM: (3, STOP_STEP + 1),
-    signal.SIGINT: (1, STOP_STEP),
+    # Lightning's KeyboardInterrupt shutdown ends in exit(1) (lightning/pytorch/trainer/call.py:64); the stage
+    # sees the SystemExit before its last step and says how to resume (StageInterrupted, exit 3)
+    signal.SIGINT: (3, STOP_STEP),
 }
 
 EXPORT_ADAPTERS = """
