@@ -156,6 +156,8 @@ def test_stopped_megatron_stage_resumes_bit_for_bit(megatron_group, uninterrupte
     status, held_step = STOPS[stop]
     assert stopped.returncode == status, stopped.stdout[-3000:] + stopped.stderr[-3000:]
     assert f"checkpoint of step {STOP_STEP} written" in stopped.stdout
+    if status == 3:  # interrupted, not failed: the stage says how to go on
+        assert "run the same command again to resume" in stopped.stdout + stopped.stderr
     assert not (stage_dir / "metrics.json").exists()  # the stage did not finish
     assert max(train_losses(stage_dir)) >= STOP_STEP
 
