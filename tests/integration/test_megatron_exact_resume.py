@@ -87,8 +87,28 @@ def run_stage(stage: str, spec: Path, env: dict, stop: signal.Signals | None = N
     if stop is not None:
         command = [sys.executable, "-c", STOP_AT_CHECKPOINT]
         env.update(JP_PEFT_TEST_STOP_STEP=str(STOP_STEP), JP_PEFT_TEST_STOP_SIGNAL=str(int(stop)))
-    return subprocess.run([*command, "stage", stage, "--spec", str(spec)], capture_output=True, text=True,
-                          timeout=900, cwd=REPO, env=env)
+    return run_in_own_group([*command, "stage", stage, "--spec", str(spec)], env)
+
+
+def run_in_own_group(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Output to files, not pipes, in a session of its own: a SIGKILLed Megatron stage leaves the processes
+    it spawned (multiprocessing's resource tracker and a spawn child) alive, holding any pipe open; they are
+    killed here, with the whole session, and reported."""
+    import contextlib
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO, env=env, start_new_session=True)
+        try:
+            status = proc.wait(timeout=900)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, 0)
+                print(f"left behind by {command[-3:]}: processes of session {proc.pid}, killed")
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, status, out.read(), err.read())
 
 
 def rows(stage_dir: Path) -> list[dict]:
