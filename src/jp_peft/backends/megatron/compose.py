@@ -117,6 +117,11 @@ def apply_training(recipe: run.Partial, spec: ExperimentSpec, stage: StageSpec) 
     trainer.devices = cluster.gpus_per_node
     trainer.max_steps = train.max_steps
     trainer.val_check_interval = train.val_check_interval
+    # Validation every val_check_interval optimizer steps counted over the whole run, not per epoch: a
+    # resumed fine-tuning stage's loader holds only the remaining steps, and Lightning refuses an interval
+    # longer than that when it counts per epoch (fit_loop.setup_data: 'val_check_interval ... must be less
+    # than or equal to the number of the training batches'); the hf backend counts the same way.
+    trainer.check_val_every_n_epoch = None
     trainer.limit_val_batches = train.limit_val_batches
     # No trainer.gradient_clip_val: NeMo's MegatronMixedPrecision.clip_gradients raises on it at the
     # first optimizer step; Megatron clips inside its optimizer (optim.config.clip_grad below).
@@ -166,6 +171,7 @@ def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
     from jp_peft.backends.megatron.embed_lr import EmbedLearningRate
     from jp_peft.training.flops import QWEN25_05B, method_flops_per_token, shape_of_hf_dict
     from jp_peft.backends.megatron.language_validation import LanguageValidation
+    from jp_peft.backends.megatron.resumed_epoch import ResumedEpochFromZero
     from jp_peft.training.step_seed import StepSeed
     from jp_peft.training.step_metrics import MegatronStepMetrics
 
@@ -177,6 +183,7 @@ def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
     ratio = embed_lr_ratio(spec, stage)
     return [
         run.Config(StepSeed, seed=train.seed, megatron=True),
+        run.Config(ResumedEpochFromZero),  # a resumed fine-tuning loader trains each left batch once
         *([run.Config(EmbedLearningRate, ratio=ratio)] if ratio is not None else []),
         run.Config(MegatronStepMetrics, log_path=log, tokens_per_step=train.global_batch_size * data.seq_length,
                    flops_per_token=flops, stage=stage, method=stage_spec.method),

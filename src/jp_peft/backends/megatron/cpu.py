@@ -149,6 +149,16 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
                "broadcasts rank 0's 'signal received' flag in a CUDA tensor after every step", "6a9ef68e1e2a3362",
                (("device=torch.cuda.current_device()", "device='cpu'"),)),
 
+    Adaptation("nemo.lightning.pytorch.callbacks.progress_printer:ProgressPrinter.on_train_batch_end",
+               "nemo/lightning/pytorch/callbacks/progress_printer.py:153-155",
+               "gathers Megatron's timers from every rank (an all_gather), but only rank 0 gets there: the "
+               "printer is disabled on the others. NCCL skips a gather of no timers; gloo counts it, so rank 0's "
+               "collectives run one ahead and two ranks hang in their next broadcast (seen: both in "
+               "PreemptionCallback.interrupted after the first progress line). One process keeps the timer lines",
+               "727379e04f138b5b",
+               (('if getattr(trainer.strategy, "timers", None):',
+                 'if getattr(trainer.strategy, "timers", None) and trainer.world_size == 1:'),)),
+
     # --- NeMo's checkpoint I/O and its Megatron wrapper ---------------------------------------
     Adaptation("nemo.lightning.io.pl:_fix_tensors_device", "nemo/lightning/io/pl.py:495",
                "asserts CUDA after every checkpoint load, to move CUDA tensors to this rank's GPU; "
