@@ -12,6 +12,7 @@ from jp_peft.evaluation.harness import check_model_dirs, default_dtype, resolve_
 from jp_peft.evaluation.tasks import bundled_file
 
 PROMPTS_FILE = ("prompts", "ja_generation_prompts.jsonl")
+MIN_NEW_TOKENS = 8  # stop tokens are suppressed for the first 8 new tokens: no sample is empty
 
 
 def load_prompts() -> list[dict[str, str]]:
@@ -61,7 +62,9 @@ def generate_samples(model_dir: str | Path, adapter_dir: str | Path | None = Non
         ids = tokenizer(_model_input(tokenizer, item["prompt"], chat), return_tensors="pt",
                         add_special_tokens=False, return_token_type_ids=False).to(device)
         with torch.inference_mode():
+            # min_new_tokens: a tiny model's most likely first token is often EOS, which left samples empty
             out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                 min_new_tokens=min(MIN_NEW_TOKENS, max_new_tokens),
                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0])
         new_tokens = out[0, ids["input_ids"].shape[1]:]
         rows.append({"id": item["id"], "prompt": item["prompt"],
