@@ -24,7 +24,8 @@ def add_parsers(sub) -> None:
 
     compare = sub.add_parser("compare", help="compare finished runs: Markdown/HTML table and PNG plots")
     compare.add_argument("runs", nargs="+", help="run directories (DIR/NAME)")
-    compare.add_argument("--output", default="runs/compare")
+    compare.add_argument("--output", default="runs/compare",
+                         help="report directory (default: %(default)s, relative to the current directory)")
     compare.set_defaults(handler=cmd_compare)
 
     status = sub.add_parser("status", help="a run's stages: done, unfinished (step, loss, tokens/s, ETA), not started; "
@@ -64,6 +65,8 @@ def cmd_compare(args) -> int:
     except MissingRecord as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in out["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
     return 0
 
