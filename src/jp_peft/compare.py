@@ -247,12 +247,14 @@ class Drawn(dict):
     """figure file -> the series drawn on it ({"panel", "label", "x", "y", "xerr", "yerr"}), written beside the
     PNGs as figures.json: the numbers behind each figure, drawn through `series` so the two cannot differ."""
 
-    def series(self, figure: str, ax, label: str, xs, ys, *, xerr=None, yerr=None, panel: str = "", **style):
+    def series(self, figure: str, ax, label: str, xs, ys, *, xerr=None, yerr=None, panel: str = "", legend=True,
+               **style):
         xs, ys = [float(x) for x in xs], [float(y) for y in ys]
+        shown = label if legend else f"_{label}"  # matplotlib leaves "_..." out of the legend
         if xerr is None and yerr is None:
-            ax.plot(xs, ys, label=label, **style)
+            ax.plot(xs, ys, label=shown, **style)
         else:
-            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, label=label, capsize=3, **style)
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, label=shown, capsize=3, **style)
         self.setdefault(figure, []).append({"panel": panel, "label": label, "x": xs, "y": ys,
                                             "xerr": None if xerr is None else [float(e) for e in xerr],
                                             "yerr": None if yerr is None else [float(e) for e in yerr]})
@@ -320,8 +322,6 @@ def plot_gain_forgetting(stages: list[dict], out: Path, plt, drawn: Drawn, *, ta
     xs, ys, plotted = [], [], 0
     for color, name in zip(_colors(len(names)), names):
         rows = [r for r in stages if r["run"] == name and r[x_key] is not None and r[y_key] is not None]
-        if tasks:  # base is the origin by definition
-            rows = [r for r in stages if r["run"] == name and r["stage"] == BASE and r["ja_avg"] is not None] + rows
         if not rows:
             continue
         px = [0.0 if r["stage"] == BASE else r[x_key] for r in rows]
@@ -332,7 +332,7 @@ def plot_gain_forgetting(stages: list[dict], out: Path, plt, drawn: Drawn, *, ta
             yerr = (r.get("en_forgetting_pt_stderr") or 0.0) if tasks and r["stage"] != BASE else None
             drawn.series(figure, ax, f"{name} {r['stage']}", [x], [y], xerr=None if xerr is None else [xerr],
                          yerr=None if yerr is None else [yerr], color=color, marker=STAGE_MARKER.get(r["stage"], "o"),
-                         ms=7, ls="")
+                         ms=7, ls="", legend=False)
             xs += [x - (xerr or 0), x + (xerr or 0)]
             ys += [y - (yerr or 0), y + (yerr or 0)]
         plotted += 1
