@@ -125,3 +125,16 @@ def test_help_names_the_default_output(capsys):
 def test_mean_stderr():
     assert mean_stderr([0.03, 0.04]) == pytest.approx(0.025)
     assert mean_stderr([0.03, None]) is None and mean_stderr([]) is None
+
+
+def test_two_runs_of_one_name_are_told_apart_by_their_parent(run, tmp_path):
+    import shutil
+
+    other = tmp_path / "b" / "smoke-a"
+    shutil.copytree(run, other)
+    out = tmp_path / "report"
+    assert main(["compare", str(run), str(other), "--output", str(out)]) == 0
+    names = [r["run"] for r in json.loads((out / "compare.json").read_text())]
+    assert names == [f"{run.parent.name}/smoke-a", "b/smoke-a"]
+    labels = {s["label"] for s in json.loads((out / "figures.json").read_text())["val_loss_vs_tokens.png"]}
+    assert len(labels) == 4  # 2 runs x cpt, sft: no run's curve hidden under the other's name

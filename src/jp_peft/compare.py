@@ -419,6 +419,10 @@ def unique_run_dirs(run_dirs: list[str]) -> tuple[list[Path], list[str]]:
 def compare_runs(run_dirs: list[str], output: str) -> dict[str, Any]:
     dirs, warnings = unique_run_dirs(run_dirs)
     runs = [load_run(d) for d in dirs]
+    names = [r["name"] for r in runs]
+    for run in runs:  # two experiments' runs of one name (runs/a/smoke, runs/b/smoke): named by their parent too
+        if names.count(run["name"]) > 1:
+            run["name"] = f"{run['dir'].resolve().parent.name}/{run['dir'].name}"
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     diff = config_differences(runs)
