@@ -12,7 +12,6 @@ from jp_peft.evaluation.harness import check_model_dirs, default_dtype, resolve_
 from jp_peft.evaluation.tasks import bundled_file
 
 PROMPTS_FILE = ("prompts", "ja_generation_prompts.jsonl")
-MIN_NEW_TOKENS = 8  # stop tokens are suppressed for the first 8 new tokens: no sample is empty
 
 
 def load_prompts() -> list[dict[str, str]]:
@@ -37,6 +36,13 @@ def _stop_ids(tokenizer) -> list[int]:
     return ids
 
 
+def blank_ids(tokenizer) -> list[int]:
+    """Tokens that decode to nothing but whitespace (stop and special tokens included): barred as the first
+    new token, since a tiny model's greedy answer was otherwise spaces and EOS, an empty sample."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    return [i for i, text in enumerate(texts) if not text.strip()]
+
+
 def generate_samples(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
                      prompts: Sequence[dict[str, str]] | None = None, max_new_tokens: int = 64,
                      device: str | None = None, dtype: str | None = None) -> list[dict[str, Any]]:
@@ -57,14 +63,14 @@ def generate_samples(model_dir: str | Path, adapter_dir: str | Path | None = Non
     model.to(device).eval()
     chat = bool(getattr(tokenizer, "chat_template", None))
     stop = _stop_ids(tokenizer)
+    blank = blank_ids(tokenizer)
     rows = []
     for item in (load_prompts() if prompts is None else prompts):
         ids = tokenizer(_model_input(tokenizer, item["prompt"], chat), return_tensors="pt",
                         add_special_tokens=False, return_token_type_ids=False).to(device)
         with torch.inference_mode():
-            # min_new_tokens: a tiny model's most likely first token is often EOS, which left samples empty
             out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                                 min_new_tokens=min(MIN_NEW_TOKENS, max_new_tokens),
+                                 begin_suppress_tokens=blank,
                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0])
         new_tokens = out[0, ids["input_ids"].shape[1]:]
         rows.append({"id": item["id"], "prompt": item["prompt"],
