@@ -84,6 +84,7 @@ def test_gain_and_forgetting_with_stderr_error_bars_and_a_row_per_stage(run, tmp
     assert sft["ja_gain_%_vs_prev"] == pytest.approx(100 * (1 - math.exp(5.72 - 5.7)))
     assert sft["en_forgetting_%_vs_prev"] == pytest.approx(100 * (math.exp(5.18 - 5.2) - 1))
     assert stages["base"]["ja_gain_%"] == 0 and stages["base"]["ja_gain_%_vs_prev"] is None
+    assert stages["base"]["ja_gain_pt_stderr"] is None  # base against itself has no difference to be uncertain of
     # task points: JA 30 -> 36 -> 35, EN 40 -> 37 -> 38
     assert (cpt["ja_gain_pt"], cpt["en_forgetting_pt"]) == pytest.approx((6.0, 3.0))
     assert (sft["ja_gain_pt_vs_prev"], sft["en_forgetting_pt_vs_prev"]) == pytest.approx((-1.0, -1.0))

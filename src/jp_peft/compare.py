@@ -167,8 +167,9 @@ def stage_rows(runs: list[dict]) -> list[dict[str, Any]]:
                    "ja_gain_pt_vs_prev": downstream_gain(prev_scores.get("ja_avg"), scores.get("ja_avg")) if i else None,
                    "en_forgetting_pt_vs_prev": (downstream_forgetting(prev_scores.get("en_avg"), scores.get("en_avg"))
                                                 if i else None),
-                   "ja_gain_pt_stderr": _combined(scores.get("ja_avg_stderr"), base_scores.get("ja_avg_stderr")),
-                   "en_forgetting_pt_stderr": _combined(scores.get("en_avg_stderr"), base_scores.get("en_avg_stderr"))}
+                   "ja_gain_pt_stderr": _combined(scores.get("ja_avg_stderr"), base_scores.get("ja_avg_stderr")) if i else None,
+                   "en_forgetting_pt_stderr": (_combined(scores.get("en_avg_stderr"), base_scores.get("en_avg_stderr"))
+                                               if i else None)}
             rows.append(row)
     return rows
 
