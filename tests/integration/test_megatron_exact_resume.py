@@ -11,7 +11,7 @@ NeMo calls at the validation of a checkpoint step) is wrapped so that the proces
 the `-last` checkpoint of step STOP_STEP is written (synchronous on CPU: ckpt_async_save=False).
   SIGKILL: the process dies there (a node failure); the rerun resumes from step STOP_STEP.
   SIGTERM: NeMo's PreemptionCallback saves at the end of the next step and stops (StageInterrupted, exit 3).
-  SIGINT:  Ctrl-C: Lightning's graceful shutdown; the rerun resumes from step STOP_STEP.
+  SIGINT:  Ctrl-C: Lightning's graceful shutdown (exit 3, as SIGTERM); the rerun resumes from step STOP_STEP.
 Equality is bit for bit: == on the logged training and validation losses, torch.equal on every tensor of
 the PEFT adapter NeMo's exporter writes from each run's last checkpoint. LoRA dropout 0.1 (the presets') on.
 """
@@ -41,7 +41,9 @@ save_checkpoint = ModelCheckpoint._save_checkpoint
 
 def then_stop(self, trainer, filepath, *args, **kwargs):
     save_checkpoint(self, trainer, filepath, *args, **kwargs)  # synchronous on CPU: finished when it returns
-    if trainer.global_step == stop_step and str(filepath).endswith("-last"):
+    # NeMo names a checkpoint by the 0-based index of its last step (step=3 holds 4), with or without ".ckpt"
+    name = str(filepath).removesuffix(".ckpt")
+    if name.endswith("-last") and f"-step={stop_step - 1}-" in name:
         print(f"test hook: checkpoint of step {stop_step} written, sending signal {signum}", flush=True)
         os.kill(os.getpid(), signum)
 
@@ -52,7 +54,9 @@ sys.exit(main(sys.argv[1:]))
 STOPS = {  # signal: (exit status of the stopped process, the step its newest checkpoint holds)
     signal.SIGKILL: (-signal.SIGKILL, STOP_STEP),
     signal.SIGTERM: (3, STOP_STEP + 1),
-    signal.SIGINT: (1, STOP_STEP),
+    # Lightning's KeyboardInterrupt shutdown ends in exit(1) (lightning/pytorch/trainer/call.py:64); the stage
+    # sees the SystemExit before its last step and says how to resume (StageInterrupted, exit 3)
+    signal.SIGINT: (3, STOP_STEP),
 }
 
 EXPORT_ADAPTERS = """
@@ -83,8 +87,28 @@ def run_stage(stage: str, spec: Path, env: dict, stop: signal.Signals | None = N
     if stop is not None:
         command = [sys.executable, "-c", STOP_AT_CHECKPOINT]
         env.update(JP_PEFT_TEST_STOP_STEP=str(STOP_STEP), JP_PEFT_TEST_STOP_SIGNAL=str(int(stop)))
-    return subprocess.run([*command, "stage", stage, "--spec", str(spec)], capture_output=True, text=True,
-                          timeout=900, cwd=REPO, env=env)
+    return run_in_own_group([*command, "stage", stage, "--spec", str(spec)], env)
+
+
+def run_in_own_group(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Output to files, not pipes, in a session of its own: a SIGKILLed Megatron stage leaves the processes
+    it spawned (multiprocessing's resource tracker and a spawn child) alive, holding any pipe open; they are
+    killed here, with the whole session, and reported."""
+    import contextlib
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO, env=env, start_new_session=True)
+        try:
+            status = proc.wait(timeout=900)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, 0)
+                print(f"left behind by {command[-3:]}: processes of session {proc.pid}, killed")
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, status, out.read(), err.read())
 
 
 def rows(stage_dir: Path) -> list[dict]:
@@ -152,6 +176,8 @@ def test_stopped_megatron_stage_resumes_bit_for_bit(megatron_group, uninterrupte
     status, held_step = STOPS[stop]
     assert stopped.returncode == status, stopped.stdout[-3000:] + stopped.stderr[-3000:]
     assert f"checkpoint of step {STOP_STEP} written" in stopped.stdout
+    if status == 3:  # interrupted, not failed: the stage says how to go on
+        assert "run the same command again to resume" in stopped.stdout + stopped.stderr
     assert not (stage_dir / "metrics.json").exists()  # the stage did not finish
     assert max(train_losses(stage_dir)) >= STOP_STEP
 
