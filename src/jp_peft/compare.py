@@ -30,16 +30,16 @@ IGNORED_KEYS = ("name", "group", "output_dir")  # differ by construction, say no
 DOWNSTREAM_COLUMNS = {"ja_avg": "ja_avg", "en_avg": "en_avg", "ja_gain_pt": "ja_gain", "en_forgetting_pt": "en_forgetting"}
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+            out.update(flatten_config(value, f"{prefix}.{key}" if prefix else key))
         return out
     if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):  # the blend: one column per field
         out = {}
         for i, value in enumerate(node):
-            out.update(_flatten(value, f"{prefix}[{i}]"))
+            out.update(flatten_config(value, f"{prefix}[{i}]"))
         return out
     return {prefix: json.dumps(node) if isinstance(node, list) else node}
 
@@ -94,7 +94,7 @@ def load_downstream(run_dir: Path) -> dict[str, Any] | None:
 
 
 def config_differences(runs: list[dict]) -> list[str]:
-    flat = [_flatten(r["spec"]) for r in runs]
+    flat = [flatten_config(r["spec"]) for r in runs]
     keys = sorted(set().union(*flat))
     return [k for k in keys if not k.split(".")[-1] in IGNORED_KEYS and "source" not in k and "prefix" not in k
             and len({json.dumps(f.get(k)) for f in flat}) > 1]
@@ -103,7 +103,7 @@ def config_differences(runs: list[dict]) -> list[str]:
 def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
-        flat = _flatten(run["spec"])
+        flat = flatten_config(run["spec"])
         last_stage = [s for s in TRAINED_STAGES if s in run["stages"]][-1]
         first = run["stages"][[s for s in TRAINED_STAGES if s in run["stages"]][0]]["metrics"]
         last = run["stages"][last_stage]["metrics"]
