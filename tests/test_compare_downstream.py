@@ -58,15 +58,17 @@ def test_compare_adds_downstream_columns_and_plot_and_blanks_for_runs_without_th
     assert r3["ja_gain_pt"] == pytest.approx(5.0) and r3["en_forgetting_pt"] == pytest.approx(0.0)
     assert all(rows["no-eval"][k] is None for k in ("ja_avg", "en_avg", "ja_gain_pt", "en_forgetting_pt"))
 
-    lines = (out / "compare.md").read_text().splitlines()
+    runs_table = (out / "compare.md").read_text().split("## Stages")[0]  # the first table: a row per run
+    lines = [line for line in runs_table.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[-4:] == ["ja_avg", "en_avg", "ja_gain_pt", "en_forgetting_pt"]
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
     assert cells["smoke-replay_ratio0"][-4:] == ["35", "20", "10", "10"]
     assert cells["no-eval"][-4:] == ["", "", "", ""]  # blank, not n/a, not a crash
-    png = (out / "ja_vs_en_tasks.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "ja_vs_en_tasks.png" in (out / "compare.html").read_text()
+    for name in ("gain_forgetting_tasks.png", "task_averages.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        assert f"src='{name}'" in (out / "compare.html").read_text()
     assert all(math.isfinite(r["ja_ppl"]) for r in rows.values())
 
 
@@ -74,7 +76,7 @@ def test_compare_without_any_downstream_results_still_writes_every_output(tmp_pa
     run = _run(tmp_path, "old-run", 0.1, None)
     out = tmp_path / "compare"
     assert main(["compare", str(run), "--output", str(out)]) == 0
-    assert (out / "ja_vs_en_tasks.png").exists() and "3 plots" in capsys.readouterr().out
+    assert (out / "gain_forgetting_tasks.png").exists() and "5 plots" in capsys.readouterr().out
 
 
 def test_compare_names_a_corrupt_results_file(tmp_path, capsys):

@@ -1,11 +1,13 @@
-"""`jp-peft compare RUN_DIR...`: one table and three plots for a set of finished runs, offline.
+"""`jp-peft compare RUN_DIR...`: two tables and five figures for a set of finished runs, offline.
 
-Reads each run's own files (spec.json, <stage>/metrics.json, <stage>/train_log.jsonl, eval/results.json):
-the config keys that differ between runs, each stage's method and trainable parameters, final
-Japanese/English perplexity, gain, forgetting, downstream JA/EN task averages with gain and forgetting
-in points against base, throughput, MFU and wall time; train loss against tokens; the JA-vs-EN
-trade-off in perplexity and in task averages. A run without downstream results has blank downstream
-cells and no line in that plot.
+Reads each run's own files (spec.json, <stage>/metrics.json, <stage>/train_log.jsonl, eval/results.json).
+The run table: the config keys that differ between runs, each stage's method and trainable parameters,
+final Japanese/English perplexity, gain, forgetting, downstream JA/EN task averages with gain and
+forgetting in points against base, throughput, MFU and wall time. The stage table: a row per run and
+stage (base, cpt, sft), each against base and against the stage before. The figures: JA and EN
+validation loss against consumed tokens (val_history), train loss per stage, gain and forgetting in
+percent of the base perplexity, the same in task points with lm-eval's stderr, and the task averages.
+A run without downstream results has blank downstream cells and nothing in those figures.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 from jp_peft.records import layout as rundir
 from jp_peft.evaluation.summary import BASE, downstream_summary
-from jp_peft.records.metrics import read_stage_metrics, read_train_log, relative_forgetting, relative_gain, step_rows
+from jp_peft.records.metrics import (CONSUMED_TOKENS, STEP, downstream_forgetting, downstream_gain, read_stage_metrics,
+                                     read_train_log, relative_forgetting, relative_gain, step_rows, val_loss_key)
 from jp_peft.records.layout import MissingRecord, read_json
 from jp_peft.spec import TRAINED_STAGES
 
@@ -27,16 +30,16 @@ IGNORED_KEYS = ("name", "group", "output_dir")  # differ by construction, say no
 DOWNSTREAM_COLUMNS = {"ja_avg": "ja_avg", "en_avg": "en_avg", "ja_gain_pt": "ja_gain", "en_forgetting_pt": "en_forgetting"}
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+            out.update(flatten_config(value, f"{prefix}.{key}" if prefix else key))
         return out
     if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):  # the blend: one column per field
         out = {}
         for i, value in enumerate(node):
-            out.update(_flatten(value, f"{prefix}[{i}]"))
+            out.update(flatten_config(value, f"{prefix}[{i}]"))
         return out
     return {prefix: json.dumps(node) if isinstance(node, list) else node}
 
@@ -54,11 +57,28 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         if metrics.exists():
             log = rundir.train_log_of(run_dir, stage)
             rows = read_train_log(log) if log.exists() else []
-            run["stages"][stage] = {"metrics": read_stage_metrics(metrics).to_dict(), "log": step_rows(rows)}
+            record = read_stage_metrics(metrics).to_dict()
+            run["stages"][stage] = {"metrics": record, "log": step_rows(rows), "val": validation_curve(record, rows)}
     if not run["stages"]:
         raise MissingRecord(f"{run_dir}: no finished stage (no <stage>/metrics.json)")
     run["downstream"] = load_downstream(run_dir)
     return run
+
+
+def validation_curve(metrics: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """[{"tokens", "ja", "en"}]: the stage's JA/EN validation loss against the tokens it had consumed, from
+    the starting model's (0 tokens) through every validation of val_history. A step's tokens are the
+    train log's; without a log row, steps x the stage's tokens per step."""
+    tokens_at = {r[STEP]: r[CONSUMED_TOKENS] for r in rows if STEP in r and CONSUMED_TOKENS in r}
+    per_step = metrics["consumed_tokens"] / metrics["steps"] if metrics.get("steps") else 0.0
+    curve = [{"tokens": 0.0, "ja": metrics["base_val_loss_ja"], "en": metrics["base_val_loss_en"]}]
+    for entry in metrics.get("val_history") or []:
+        step = entry.get(STEP)
+        if step is None or val_loss_key("ja") not in entry or val_loss_key("en") not in entry:
+            continue
+        curve.append({"tokens": float(tokens_at.get(step, step * per_step)), "ja": entry[val_loss_key("ja")],
+                      "en": entry[val_loss_key("en")]})
+    return curve
 
 
 def load_downstream(run_dir: Path) -> dict[str, Any] | None:
@@ -74,7 +94,7 @@ def load_downstream(run_dir: Path) -> dict[str, Any] | None:
 
 
 def config_differences(runs: list[dict]) -> list[str]:
-    flat = [_flatten(r["spec"]) for r in runs]
+    flat = [flatten_config(r["spec"]) for r in runs]
     keys = sorted(set().union(*flat))
     return [k for k in keys if not k.split(".")[-1] in IGNORED_KEYS and "source" not in k and "prefix" not in k
             and len({json.dumps(f.get(k)) for f in flat}) > 1]
@@ -83,7 +103,7 @@ def config_differences(runs: list[dict]) -> list[str]:
 def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
-        flat = _flatten(run["spec"])
+        flat = flatten_config(run["spec"])
         last_stage = [s for s in TRAINED_STAGES if s in run["stages"]][-1]
         first = run["stages"][[s for s in TRAINED_STAGES if s in run["stages"]][0]]["metrics"]
         last = run["stages"][last_stage]["metrics"]
@@ -114,90 +134,304 @@ def _fmt(value: Any, blank: str = "n/a") -> str:
     return str(value)
 
 
-def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
+def _combined(*stderrs: float | None) -> float | None:
+    """The stderr of a difference of two independent averages (the same items make it smaller: an upper bound)."""
+    if any(s is None for s in stderrs):
+        return None
+    return math.sqrt(sum(s * s for s in stderrs))
+
+
+def stage_rows(runs: list[dict]) -> list[dict[str, Any]]:
+    """A row per run and stage (base, then each trained stage in order): perplexities, gain and forgetting in
+    percent against base and against the stage before; task averages with stderr, gain and forgetting in
+    points against both."""
+    rows = []
+    for run in runs:
+        stages = [s for s in TRAINED_STAGES if s in run["stages"]]
+        first = run["stages"][stages[0]]["metrics"]
+        models = (run["downstream"] or {}).get("models", {})
+        points = [(BASE, first["base_val_ppl_ja"], first["base_val_ppl_en"])]
+        points += [(s, run["stages"][s]["metrics"]["val_ppl_ja"], run["stages"][s]["metrics"]["val_ppl_en"]) for s in stages]
+        for i, (stage, ja, en) in enumerate(points):
+            prev = points[max(i - 1, 0)]
+            scores, base_scores = models.get(stage, {}), models.get(BASE, {})
+            prev_scores = models.get(prev[0], {})
+            row = {"run": run["name"], "stage": stage, "ja_ppl": ja, "en_ppl": en,
+                   "ja_gain_%": relative_gain(points[0][1], ja), "en_forgetting_%": relative_forgetting(points[0][2], en),
+                   "ja_gain_%_vs_prev": relative_gain(prev[1], ja) if i else None,
+                   "en_forgetting_%_vs_prev": relative_forgetting(prev[2], en) if i else None,
+                   "ja_avg": scores.get("ja_avg"), "ja_avg_stderr": scores.get("ja_avg_stderr"),
+                   "en_avg": scores.get("en_avg"), "en_avg_stderr": scores.get("en_avg_stderr"),
+                   "ja_gain_pt": downstream_gain(base_scores.get("ja_avg"), scores.get("ja_avg")),
+                   "en_forgetting_pt": downstream_forgetting(base_scores.get("en_avg"), scores.get("en_avg")),
+                   "ja_gain_pt_vs_prev": downstream_gain(prev_scores.get("ja_avg"), scores.get("ja_avg")) if i else None,
+                   "en_forgetting_pt_vs_prev": (downstream_forgetting(prev_scores.get("en_avg"), scores.get("en_avg"))
+                                                if i else None),
+                   "ja_gain_pt_stderr": _combined(scores.get("ja_avg_stderr"), base_scores.get("ja_avg_stderr")) if i else None,
+                   "en_forgetting_pt_stderr": (_combined(scores.get("en_avg_stderr"), base_scores.get("en_avg_stderr"))
+                                               if i else None)}
+            rows.append(row)
+    return rows
+
+
+# What each figure shows: the HTML's captions and the Markdown's list (one text, two places).
+FIGURES = {
+    "val_loss_vs_tokens.png": "Held-out Japanese (left) and English (right) validation loss (token-mean cross-entropy, "
+                              "nats) against the tokens each stage has consumed, one colour per run, solid for CPT and "
+                              "dashed for SFT; SFT's curve starts where CPT's ended (its tokens continue CPT's). "
+                              "The point at 0 tokens is the base model. Down on the left is the Japanese gain, up on "
+                              "the right the English forgetting.",
+    "loss_vs_tokens.png": "Training loss against consumed tokens, one panel per stage: CPT's is the loss on the "
+                          "JA/EN blend, SFT's the loss on assistant tokens only, so the two are not comparable and "
+                          "are not drawn on one axis.",
+    "gain_forgetting_ppl.png": "Japanese gain (x) and English forgetting (y) in percent of the base model's validation "
+                               "perplexity, base -> cpt -> sft per run (marker: stage). Both axes include zero (the "
+                               "base); right is better Japanese, up is worse English.",
+    "gain_forgetting_tasks.png": "The same in downstream task points (eval/results.json): JA task-average gain (x) and "
+                                 "EN task-average forgetting (y) against base. Error bars: one lm-eval stderr of the "
+                                 "difference, combining the model's and the base's (the same items make the true "
+                                 "uncertainty of a difference smaller, so the bars are an upper bound).",
+    "task_averages.png": "JA (left) and EN (right) task averages in points per run and model, from zero, with one "
+                         "stderr of the average (lm-eval's task stderrs combined) as error bars.",
+}
+
+
+def _table_md(rows: list[dict], blanks: tuple[str, ...]) -> list[str]:
     headers = list(rows[0])
+    cell = {h: "" if h in blanks else "n/a" for h in headers}
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    cell = {h: "" if h in DOWNSTREAM_COLUMNS else "n/a" for h in headers}  # no downstream results: blank
-    md += ["| " + " | ".join(_fmt(r[h], cell[h]) for h in headers) + " |" for r in rows]
+    return md + ["| " + " | ".join(_fmt(r[h], cell[h]) for h in headers) + " |" for r in rows]
+
+
+def _table_html(rows: list[dict], blanks: tuple[str, ...]) -> str:
+    headers = list(rows[0])
+    cell = {h: "" if h in blanks else "n/a" for h in headers}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[h], cell[h]))}</td>" for h in headers) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+STAGE_BLANKS = ("ja_gain_%_vs_prev", "en_forgetting_%_vs_prev", "ja_avg", "ja_avg_stderr", "en_avg", "en_avg_stderr",
+                "ja_gain_pt", "en_forgetting_pt", "ja_gain_pt_vs_prev", "en_forgetting_pt_vs_prev", "ja_gain_pt_stderr",
+                "en_forgetting_pt_stderr")
+STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;font-size:13px;"
+         "margin-bottom:1.5em}td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+         "th{background:#f4f4f4}figure{margin:1.5em 0}figcaption{max-width:900px;color:#333}"
+         ".warning{color:#a00}")
+
+
+def write_tables(rows: list[dict], out: Path, stages: list[dict] | None = None,
+                 warnings: list[str] = ()) -> tuple[Path, Path]:
+    blanks = tuple(DOWNSTREAM_COLUMNS)
+    md = ["# jp-peft compare", ""] + [f"> warning: {w}" for w in warnings] + (["" ] if warnings else [])
+    md += ["## Runs (last stage against base)", "", *_table_md(rows, blanks)]
+    if stages:
+        md += ["", "## Stages (each against base and against the stage before)", "", *_table_md(stages, STAGE_BLANKS)]
+    md += ["", "## Figures", ""] + [f"- `{name}`: {text}" for name, text in FIGURES.items()]
     md_path = out / "compare.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[h], cell[h]))}</td>" for h in headers) + "</tr>"
-                    for r in rows)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    warn = "".join(f"<p class='warning'>warning: {html.escape(w)}</p>" for w in warnings)
+    stage_html = ("<h2>Stages: each against base and against the stage before</h2>"
+                  "<p>Perplexity gain and forgetting in percent, task averages and their changes in points "
+                  "(stderr: lm-eval's).</p>" + _table_html(stages, STAGE_BLANKS)) if stages else ""
+    figures = "".join(f"<figure><img src='{name}' alt='{name}'><figcaption><b>{name}</b>: {html.escape(text)}"
+                      "</figcaption></figure>" for name, text in FIGURES.items())
     html_path = out / "compare.html"
-    html_path.write_text(f"<!doctype html><meta charset='utf-8'><title>jp-peft compare</title>"
-                         f"<table border='1'><tr>{head}</tr>{cells}</table>"
-                         f"<p><img src='loss_vs_tokens.png'> <img src='ja_vs_en_ppl.png'> <img src='ja_vs_en_tasks.png'></p>\n", encoding="utf-8")
+    html_path.write_text(f"<!doctype html><meta charset='utf-8'><title>jp-peft compare</title><style>{STYLE}</style>"
+                         f"<h1>jp-peft compare</h1>{warn}<h2>Runs: the last stage against base</h2>"
+                         f"{_table_html(rows, blanks)}{stage_html}<h2>Figures</h2>{figures}\n", encoding="utf-8")
     return md_path, html_path
 
 
-def write_plots(runs: list[dict], out: Path) -> list[Path]:
+class Drawn(dict):
+    """figure file -> the series drawn on it ({"panel", "label", "x", "y", "xerr", "yerr"}), written beside the
+    PNGs as figures.json: the numbers behind each figure, drawn through `series` so the two cannot differ."""
+
+    def series(self, figure: str, ax, label: str, xs, ys, *, xerr=None, yerr=None, panel: str = "", legend=True,
+               **style):
+        xs, ys = [float(x) for x in xs], [float(y) for y in ys]
+        shown = label if legend else f"_{label}"  # matplotlib leaves "_..." out of the legend
+        if xerr is None and yerr is None:
+            ax.plot(xs, ys, label=shown, **style)
+        else:
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, label=shown, capsize=3, **style)
+        self.setdefault(figure, []).append({"panel": panel, "label": label, "x": xs, "y": ys,
+                                            "xerr": None if xerr is None else [float(e) for e in xerr],
+                                            "yerr": None if yerr is None else [float(e) for e in yerr]})
+
+
+STAGE_STYLE = {"cpt": "-", "sft": "--"}
+STAGE_MARKER = {BASE: "o", "cpt": "s", "sft": "^"}
+
+
+def _including_zero(ax, xs: list[float], ys: list[float]) -> None:
+    """Axes that start at zero (the base) and reach every point, with a margin: no autoscaled sliver."""
+    for values, setter in ((xs, ax.set_xlim), (ys, ax.set_ylim)):
+        low, high = min([0.0, *values]), max([0.0, *values])
+        pad = 0.1 * (high - low) or 1.0
+        setter(low - (pad if low < 0 else 0.3 * pad), high + pad)
+    ax.axhline(0, color="grey", lw=0.8), ax.axvline(0, color="grey", lw=0.8)
+
+
+def _stage_legend(ax, stages: list[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="black", marker=STAGE_MARKER.get(s, "o"), ls="") for s in stages]
+    ax.legend(handles, labels + stages, fontsize=7, loc="best")
+
+
+def plot_validation(runs: list[dict], out: Path, plt, drawn: Drawn) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for color, run in zip(_colors(len(runs)), runs):
+        offset = 0.0
+        for stage, data in run["stages"].items():
+            curve = data["val"]
+            xs = [offset + p["tokens"] for p in curve]
+            for ax, lang in zip(axes, ("ja", "en")):
+                drawn.series("val_loss_vs_tokens.png", ax, f"{run['name']} {stage}", xs, [p[lang] for p in curve],
+                             panel=lang, ls=STAGE_STYLE.get(stage, "-"), color=color, marker=".")
+            offset = xs[-1]
+    for ax, lang in zip(axes, ("Japanese", "English")):
+        ax.set_xlabel("consumed tokens (CPT, then SFT)"), ax.set_ylabel(f"{lang} validation loss (nats/token)")
+        ax.set_title(f"{lang} validation loss"), ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    return _save(fig, out / "val_loss_vs_tokens.png", plt)
+
+
+def plot_train_loss(runs: list[dict], out: Path, plt, drawn: Drawn) -> Path:
+    stages = [s for s in TRAINED_STAGES if any(s in r["stages"] for r in runs)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for color, run in zip(_colors(len(runs)), runs):
+            log = run["stages"].get(stage, {}).get("log", [])
+            drawn.series("loss_vs_tokens.png", ax, run["name"], [r[CONSUMED_TOKENS] for r in log],
+                         [r["train/loss"] for r in log], panel=stage, color=color)
+        what = "blend" if stage == "cpt" else "assistant tokens"
+        ax.set_xlabel(f"{stage} tokens"), ax.set_ylabel(f"{stage} train loss ({what})"), ax.set_title(f"{stage} train loss")
+        ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    return _save(fig, out / "loss_vs_tokens.png", plt)
+
+
+def plot_gain_forgetting(stages: list[dict], out: Path, plt, drawn: Drawn, *, tasks: bool) -> Path:
+    """JA gain (x) against EN forgetting (y) from base, per run: percent of perplexity, or task points."""
+    x_key, y_key = ("ja_gain_pt", "en_forgetting_pt") if tasks else ("ja_gain_%", "en_forgetting_%")
+    figure = "gain_forgetting_tasks.png" if tasks else "gain_forgetting_ppl.png"
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    names = list(dict.fromkeys(r["run"] for r in stages))
+    xs, ys, plotted = [], [], 0
+    for color, name in zip(_colors(len(names)), names):
+        rows = [r for r in stages if r["run"] == name and r[x_key] is not None and r[y_key] is not None]
+        if not rows:
+            continue
+        px = [0.0 if r["stage"] == BASE else r[x_key] for r in rows]
+        py = [0.0 if r["stage"] == BASE else r[y_key] for r in rows]
+        ax.plot(px, py, "-", color=color, label=name, alpha=0.8)
+        for r, x, y in zip(rows, px, py):
+            xerr = (r.get("ja_gain_pt_stderr") or 0.0) if tasks and r["stage"] != BASE else None
+            yerr = (r.get("en_forgetting_pt_stderr") or 0.0) if tasks and r["stage"] != BASE else None
+            drawn.series(figure, ax, f"{name} {r['stage']}", [x], [y], xerr=None if xerr is None else [xerr],
+                         yerr=None if yerr is None else [yerr], color=color, marker=STAGE_MARKER.get(r["stage"], "o"),
+                         ms=7, ls="", legend=False)
+            xs += [x - (xerr or 0), x + (xerr or 0)]
+            ys += [y - (yerr or 0), y + (yerr or 0)]
+        plotted += 1
+    unit = "points" if tasks else "% of base perplexity"
+    ax.set_xlabel(f"Japanese gain, {unit} (right: better)"), ax.set_ylabel(f"English forgetting, {unit} (up: worse)")
+    ax.set_title("JA gain vs EN forgetting, " + ("downstream task averages" if tasks else "validation perplexity"))
+    _including_zero(ax, xs, ys)
+    if plotted:
+        _stage_legend(ax, [s for s in (BASE, *TRAINED_STAGES) if any(r["stage"] == s for r in stages)])
+    else:
+        ax.text(0.5, 0.5, "no run has downstream results (eval/results.json)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / figure, plt)
+
+
+def plot_task_averages(stages: list[dict], out: Path, plt, drawn: Drawn) -> Path:
+    """Grouped bars from zero: per run, a bar per model (base, cpt, sft), error bars one stderr."""
+    rows = [r for r in stages if r["ja_avg"] is not None or r["en_avg"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    models = [s for s in (BASE, *TRAINED_STAGES) if any(r["stage"] == s for r in rows)]
+    width = 0.8 / max(len(models), 1)
+    for ax, lang in zip(axes, ("ja", "en")):
+        for k, (model, color) in enumerate(zip(models, _colors(len(models), "Set2"))):
+            found = {r["run"]: r for r in rows if r["stage"] == model}
+            xs = [i + (k - (len(models) - 1) / 2) * width for i, n in enumerate(names) if n in found]
+            vals = [found[n][f"{lang}_avg"] or 0.0 for n in names if n in found]
+            errs = [found[n][f"{lang}_avg_stderr"] or 0.0 for n in names if n in found]
+            ax.bar(xs, vals, width, yerr=errs, capsize=3, color=color, label=model)
+            drawn.setdefault("task_averages.png", []).append({"panel": lang, "label": model, "x": xs, "y": vals,
+                                                              "xerr": None, "yerr": errs})
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=15)
+        ax.set_ylim(bottom=0), ax.set_ylabel(f"{lang.upper()} task average, points")
+        ax.set_title(f"{'Japanese' if lang == 'ja' else 'English'} task average (± stderr)"), ax.grid(axis="y", alpha=0.3)
+        if rows:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no downstream results", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, out / "task_averages.png", plt)
+
+
+def _colors(n: int, cmap: str = "tab10") -> list:
+    import matplotlib
+
+    colors = matplotlib.colormaps[cmap].colors
+    return [colors[i % len(colors)] for i in range(n)]
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
+    return path
+
+
+def write_plots(runs: list[dict], out: Path, stages: list[dict] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        offset = 0
-        for stage, data in run["stages"].items():
-            xs = [offset + r["perf/consumed_tokens"] for r in data["log"]]
-            ax.plot(xs, [r["train/loss"] for r in data["log"]], label=f"{run['name']} {stage}")
-            offset = xs[-1] if xs else offset
-    ax.set_xlabel("tokens"), ax.set_ylabel("train loss"), ax.legend(fontsize=7), ax.set_title("train loss vs tokens")
-    loss_png = out / "loss_vs_tokens.png"
-    fig.tight_layout(), fig.savefig(loss_png, dpi=100), plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for run in runs:
-        stages = list(run["stages"].values())
-        points = [(stages[0]["metrics"]["base_val_ppl_ja"], stages[0]["metrics"]["base_val_ppl_en"])]
-        points += [(s["metrics"]["val_ppl_ja"], s["metrics"]["val_ppl_en"]) for s in stages]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run["name"])
-        for (x, y), tag in zip(points, ["base", *run["stages"]]):
-            ax.annotate(tag, (x, y), fontsize=7)
-    ax.set_xlabel("Japanese validation ppl (lower: gain)"), ax.set_ylabel("English validation ppl (higher: forgetting)")
-    ax.legend(fontsize=7), ax.set_title("JA gain vs EN forgetting")
-    tradeoff_png = out / "ja_vs_en_ppl.png"
-    fig.tight_layout(), fig.savefig(tradeoff_png, dpi=100), plt.close(fig)
-    return [loss_png, tradeoff_png, plot_task_averages(runs, out, plt)]
+    stages = stage_rows(runs) if stages is None else stages
+    drawn = Drawn()
+    paths = [plot_validation(runs, out, plt, drawn), plot_train_loss(runs, out, plt, drawn),
+             plot_gain_forgetting(stages, out, plt, drawn, tasks=False),
+             plot_gain_forgetting(stages, out, plt, drawn, tasks=True), plot_task_averages(stages, out, plt, drawn)]
+    (out / "figures.json").write_text(json.dumps(drawn, indent=1) + "\n", encoding="utf-8")
+    return paths
 
 
-def plot_task_averages(runs: list[dict], out: Path, plt) -> Path:
-    """JA task average against EN task average, base -> cpt -> sft per run (up and right: better)."""
-    fig, ax = plt.subplots(figsize=(6, 5))
-    plotted = 0
-    for run in runs:
-        models = (run["downstream"] or {}).get("models", {})
-        points = [(name, m["ja_avg"], m["en_avg"]) for name, m in models.items()
-                  if m["ja_avg"] is not None and m["en_avg"] is not None]
-        if not points:
+def unique_run_dirs(run_dirs: list[str]) -> tuple[list[Path], list[str]]:
+    """The run directories once each (the first spelling kept) and a warning per one named again."""
+    seen: dict[Path, str] = {}
+    kept, warnings = [], []
+    for d in run_dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            warnings.append(f"{d}: the same run directory as {seen[key]}; compared once")
             continue
-        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=run["name"])
-        for name, x, y in points:
-            ax.annotate(name, (x, y), fontsize=7)
-        plotted += 1
-    if not plotted:
-        ax.text(0.5, 0.5, "no run has downstream results (eval/results.json)", ha="center", va="center",
-                transform=ax.transAxes)
-    else:
-        ax.legend(fontsize=7)
-    ax.set_xlabel("Japanese task average, points (higher: gain)")
-    ax.set_ylabel("English task average, points (lower: forgetting)")
-    ax.set_title(f"JA gain vs EN forgetting, downstream tasks (from {BASE})")
-    path = out / "ja_vs_en_tasks.png"
-    fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
-    return path
+        seen[key] = d
+        kept.append(Path(d))
+    return kept, warnings
 
 
 def compare_runs(run_dirs: list[str], output: str) -> dict[str, Any]:
-    runs = [load_run(Path(d)) for d in run_dirs]
+    dirs, warnings = unique_run_dirs(run_dirs)
+    runs = [load_run(d) for d in dirs]
+    names = [r["name"] for r in runs]
+    for run in runs:  # two experiments' runs of one name (runs/a/smoke, runs/b/smoke): named by their parent too
+        if names.count(run["name"]) > 1:
+            run["name"] = f"{run['dir'].resolve().parent.name}/{run['dir'].name}"
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     diff = config_differences(runs)
     rows = summary_rows(runs, diff)
-    md, html_path = write_tables(rows, out)
-    plots = write_plots(runs, out)
+    stages = stage_rows(runs)
+    md, html_path = write_tables(rows, out, stages, warnings)
+    plots = write_plots(runs, out, stages)
     (out / "compare.json").write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")
-    return {"markdown": md, "html": html_path, "plots": plots, "rows": rows,
+    (out / "compare_stages.json").write_text(json.dumps(stages, indent=2, default=str) + "\n", encoding="utf-8")
+    return {"markdown": md, "html": html_path, "plots": plots, "rows": rows, "stages": stages, "warnings": warnings,
             "finite": all(math.isfinite(r["ja_ppl"]) for r in rows)}

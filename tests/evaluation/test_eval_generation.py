@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jp_peft.evaluation.generation import generate_samples, load_prompts, write_samples
+from jp_peft.evaluation.generation import blank_ids, generate_samples, load_prompts, write_samples
 from jp_peft.evaluation.tasks import bundled_file
 
 pytestmark = pytest.mark.integration
@@ -23,9 +23,11 @@ def test_one_row_per_bundled_prompt_and_deterministic(tiny_base, tmp_path):
     assert [(r["id"], r["prompt"]) for r in first] == [(p["id"], p["prompt"]) for p in expected]
     assert all(set(r) == {"id", "prompt", "output"} and isinstance(r["output"], str) for r in first)
     # Each output is the greedy continuation, decoded: an argmax loop by hand over the chat-formatted prompt,
-    # stopped at EOS or <|im_end|> (the tiny base often answers with spaces and EOS: an empty output)
+    # whitespace, stop and special tokens barred as the first token (the tiny base's first choices were spaces
+    # and EOS), then stopped at EOS or <|im_end|>: no output is empty
     for row, item in zip(first[:3], expected[:3]):
         assert row["output"] == _greedy_by_hand(tiny_base, item["prompt"], 8)
+    assert all(r["output"] for r in first), [r["output"] for r in first]
 
     path = write_samples(tmp_path / "samples.jsonl", first)
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == first
@@ -53,7 +55,10 @@ def _greedy_by_hand(model_dir, prompt: str, max_new_tokens: int) -> str:
     new = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            logits = model(input_ids=ids).logits[0, -1]
+            if not new:
+                logits[blank_ids(tokenizer)] = float("-inf")
+            token = int(logits.argmax())
             new.append(token)
             if token in stop:
                 break

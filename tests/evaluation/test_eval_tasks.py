@@ -32,7 +32,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 def test_task_sets_expand_in_order_without_duplicates():
     names = [s.name for s in T.resolve_tasks("jpeft_marc, jpeft,en")]
-    assert names == ["jpeft_marc", "jpeft_jcqa", "jpeft_jnli", "jpeft_en_mc", "hellaswag", "arc_easy", "xwinograd_en"]
+    assert names == ["jpeft_marc", "jpeft_jcqa", "jpeft_jnli", "jpeft_en_mc", "jpeft_ja_cont", "jpeft_en_cont",
+                     "hellaswag", "arc_easy", "xwinograd_en"]
     assert [s.name for s in T.resolve_tasks(["ja_leaderboard"])] == list(T.JA_LEADERBOARD_MC)
     assert not set(T.JA_LEADERBOARD_GEN) & set(T.TASK_SETS["ja_leaderboard"])  # generation is opt-in
     origins = {s.name: s.origin for s in T.resolve_tasks("jpeft_jcqa,ja_leaderboard_jnli")}
@@ -174,5 +175,5 @@ def test_package_data_globs_cover_every_bundled_file():
     globs = package_data["jp_peft.evaluation"]
     files = [str(p.relative_to(BUNDLED_DIR.parent)) for p in BUNDLED_DIR.rglob("*") if p.is_file()
              and "__pycache__" not in p.parts]
-    assert len(files) == 1 + 4 * 3 + 1  # README, (yaml, test, fewshot) x 4, prompts
+    assert len(files) == 1 + 6 * 3 + 1  # README, (yaml, test, fewshot) x 6, prompts
     assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []

@@ -55,7 +55,8 @@ def test_compare_two_runs_writes_table_and_plots(smoke_run, tmp_path):
     for column, key in (("ja_avg", "ja_avg"), ("en_avg", "en_avg"), ("ja_gain_pt", "ja_gain"),
                         ("en_forgetting_pt", "en_forgetting")):
         assert column in table and rows[0][column] == pytest.approx(summary[key])
-    for png in ("loss_vs_tokens.png", "ja_vs_en_ppl.png", "ja_vs_en_tasks.png"):
+    for png in ("val_loss_vs_tokens.png", "loss_vs_tokens.png", "gain_forgetting_ppl.png", "gain_forgetting_tasks.png",
+                "task_averages.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "<table" in (out / "compare.html").read_text()

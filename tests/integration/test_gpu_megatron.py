@@ -30,7 +30,7 @@ def test_megatron_smoke_on_the_gpu(tmp_path):
     """The tiny model on CUDA (cluster.accelerator stays gpu when a GPU is present). SFT is left out: the
     smoke preset packs SFT sequences, which Megatron runs only with Transformer Engine."""
     overrides = ["cpt.train.max_steps=20", "cpt.train.val_check_interval=10", "cpt.train.limit_val_batches=2",
-                 "cpt.train.ckpt_every_n_steps=10", "stages=[import,data,cpt,export,eval]"]
+                 "cpt.train.ckpt_every_n_steps=10", "stages=[import,data,cpt,export,eval]", "eval.limit=40"]
     proc = subprocess.run([sys.executable, "experiments/qwen_lora_ja.py", "--executor", "local", "--smoke",
                            "--backend", "megatron", "--no-wandb", "--output-dir", str(tmp_path), "--name", "gpu",
                            *overrides], cwd=REPO, capture_output=True, text=True, timeout=1800, env=_env(tmp_path))

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slurm
 EXPERIMENT = [sys.executable, str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "slurm", "--slurm-profile", "local"]
 SHORT = ["cpt.train.max_steps=8", "cpt.train.val_check_interval=4", "cpt.train.limit_val_batches=2",
-         "sft.train.max_steps=6", "sft.train.val_check_interval=3", "sft.train.limit_val_batches=2"]
+         "sft.train.max_steps=6", "sft.train.val_check_interval=3", "sft.train.limit_val_batches=2",
+         "eval.limit=40"]  # the preset scores every item (minutes per model); 40 as before
 
 
 def submitted_jobs(stdout: str) -> dict[str, str]:

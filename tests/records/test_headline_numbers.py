@@ -47,6 +47,8 @@ def test_validation_row_against_the_base_losses():
                         "val/ja_ppl_gain", "val/en_ppl_forgetting"}
     # without a baseline: losses and perplexities only
     assert set(validation_row(1, {"ja": 1.0}, None)) == {"trainer/global_step", "val/ja_loss", "val/ja_ppl"}
+    # with the tokens trained so far: in the row itself (W&B plots val/* against them only within one row)
+    assert validation_row(3, {"ja": 1.0}, None, 6144)["perf/consumed_tokens"] == 6144
 
 
 def _stage(base_ja, ja, base_en, en, tokens_per_s, wall, trainable, log=()):

@@ -98,8 +98,9 @@ def test_eval_overrides_apply_and_presets_set_the_suites(repo, tmp_path):
     assert spec.eval.data_dir == str(tmp_path / "lm_eval_data")  # absolute: stages run in other directories
     assert experiment_from_dict(spec.to_dict()) == spec
     defaults = resolve_spec(smoke, []).eval
-    assert defaults.tasks_ja == ("jpeft_jcqa", "jpeft_jnli", "jpeft_marc") and defaults.tasks_en == ("jpeft_en_mc",)
-    assert (defaults.num_fewshot, defaults.limit) == (0, 40)
+    assert defaults.tasks_ja == ("jpeft_jcqa", "jpeft_jnli", "jpeft_marc", "jpeft_ja_cont")
+    assert defaults.tasks_en == ("jpeft_en_mc", "jpeft_en_cont")
+    assert (defaults.num_fewshot, defaults.limit) == (0, None)  # every item: the continuation sets need hundreds
     production = experiment_from_dict(load_preset("qwen25_500m_ja")).eval
     assert (production.tasks_ja, production.tasks_en, production.limit) == (("ja_leaderboard",), ("en",), None)
     from jp_peft.evaluation.tasks import resolve_tasks

@@ -18,6 +18,7 @@ EPILOG = """examples:
   jp-peft export nemo --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/model.nemo
   jp-peft compare runs/smoke runs/smoke-rank8 --output runs/compare
   jp-peft wandb sync runs/smoke
+  jp-peft wandb workspace runs/smoke-replay_ratio0 runs/smoke-replay_ratio0.3
 The experiment itself: jp-peft run --help (= python experiments/qwen_lora_ja.py --help)"""
 
 

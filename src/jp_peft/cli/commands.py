@@ -1,11 +1,27 @@
-"""The small subcommands: `jp-peft compare`, `status`, `eval`, `export`, `spec fields`, `wandb sync` (each runs
-code of its package)."""
+"""The small subcommands: `jp-peft compare`, `status`, `eval`, `export`, `spec fields`, `wandb sync`,
+`wandb workspace` (each runs code of its package)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+
+WORKSPACE_DESCRIPTION = """\
+Builds a W&B workspace (wandb-workspaces) for one experiment's runs, filtered to their W&B group:
+  - JA and EN validation loss against consumed tokens, a line per swept value and stage
+  - JA gain against EN forgetting per run: perplexity (each stage against its start) and task points
+    (each trained model against base)
+  - the downstream task tables of base, cpt, sft and the JA/EN task averages
+  - tokens/s, MFU (GPU runs), TFLOP/s and the learning rate against trainer/global_step
+The runs are grouped by the swept field(s), then by stage (W&B job type), and coloured by the swept value.
+Project, entity and group are the runs' W&B identity (their spec's wandb section and group).
+
+Offline (no WANDB_API_KEY, or WANDB_MODE=offline) it writes the workspace definition, wandb-workspaces'
+own View model as JSON, and prints the path; upload the runs themselves with `jp-peft wandb sync DIR`.
+With WANDB_API_KEY it saves the workspace to W&B and prints its URL (that path needs the network and a key,
+so the tests do not exercise it). Exit 2 with one line naming the path or field on bad input."""
 
 
 def add_parsers(sub) -> None:
@@ -24,7 +40,8 @@ def add_parsers(sub) -> None:
 
     compare = sub.add_parser("compare", help="compare finished runs: Markdown/HTML table and PNG plots")
     compare.add_argument("runs", nargs="+", help="run directories (DIR/NAME)")
-    compare.add_argument("--output", default="runs/compare")
+    compare.add_argument("--output", default="runs/compare",
+                         help="report directory (default: %(default)s, relative to the current directory)")
     compare.set_defaults(handler=cmd_compare)
 
     status = sub.add_parser("status", help="a run's stages: done, unfinished (step, loss, tokens/s, ETA), not started; "
@@ -43,6 +60,18 @@ def add_parsers(sub) -> None:
     sync = wandb.add_parser("sync", help="upload offline runs under DIR (needs WANDB_API_KEY)")
     sync.add_argument("dir")
     sync.set_defaults(handler=cmd_wandb_sync)
+    workspace = wandb.add_parser(
+        "workspace", help="a saved W&B workspace for an experiment's runs (their W&B group)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=WORKSPACE_DESCRIPTION,
+        epilog="examples:\n  jp-peft wandb workspace runs/smoke-replay_ratio0 runs/smoke-replay_ratio0.3\n"
+               "  jp-peft wandb workspace runs/smoke-rank8 runs/smoke-rank16 --group-by lora.rank")
+    workspace.add_argument("runs", nargs="+", help="run directories (DIR/NAME) of one experiment: every run of the sweep")
+    workspace.add_argument("--group-by", action="append", default=[], metavar="FIELD",
+                           help="a spec field to group and colour the runs by (repeat for several; default: the "
+                                "swept fields, those the runs differ in and are named after)")
+    workspace.add_argument("--output", help="offline: the file to write (default: DIR/GROUP/wandb_workspace.json, "
+                           "next to the runs)")
+    workspace.set_defaults(handler=cmd_wandb_workspace)
 
     spec = sub.add_parser("spec", help="the experiment spec's fields").add_subparsers(dest="spec_command", required=True)
     spec.add_parser("fields", help="every spec field: dotted name, type, default and what it does").set_defaults(
@@ -64,6 +93,8 @@ def cmd_compare(args) -> int:
     except MissingRecord as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in out["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {out['markdown']}, {out['html']} and {len(out['plots'])} plots")
     return 0
 
@@ -90,6 +121,12 @@ def cmd_wandb_sync(args) -> int:
     from jp_peft.training.wandb_run import sync_offline_runs
 
     return sync_offline_runs(args.dir)
+
+
+def cmd_wandb_workspace(args) -> int:
+    from jp_peft.wandb_workspace import workspace_command
+
+    return workspace_command(args.runs, args.output, args.group_by)
 
 
 def cmd_spec_fields(args) -> int:

@@ -36,6 +36,13 @@ def _stop_ids(tokenizer) -> list[int]:
     return ids
 
 
+def blank_ids(tokenizer) -> list[int]:
+    """Tokens that decode to nothing but whitespace (stop and special tokens included): barred as the first
+    new token, since a tiny model's greedy answer was otherwise spaces and EOS, an empty sample."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    return [i for i, text in enumerate(texts) if not text.strip()]
+
+
 def generate_samples(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
                      prompts: Sequence[dict[str, str]] | None = None, max_new_tokens: int = 64,
                      device: str | None = None, dtype: str | None = None) -> list[dict[str, Any]]:
@@ -56,12 +63,14 @@ def generate_samples(model_dir: str | Path, adapter_dir: str | Path | None = Non
     model.to(device).eval()
     chat = bool(getattr(tokenizer, "chat_template", None))
     stop = _stop_ids(tokenizer)
+    blank = blank_ids(tokenizer)
     rows = []
     for item in (load_prompts() if prompts is None else prompts):
         ids = tokenizer(_model_input(tokenizer, item["prompt"], chat), return_tensors="pt",
                         add_special_tokens=False, return_token_type_ids=False).to(device)
         with torch.inference_mode():
             out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                 begin_suppress_tokens=blank,
                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0])
         new_tokens = out[0, ids["input_ids"].shape[1]:]
         rows.append({"id": item["id"], "prompt": item["prompt"],

@@ -6,6 +6,7 @@ Light on purpose (no lm-eval, no torch): the eval stage, the printed table and `
 
 from __future__ import annotations
 
+import math
 from statistics import fmean
 from typing import Any
 
@@ -47,16 +48,33 @@ def _mean(values: list[float | None]) -> float | None:
     return fmean(present) if present and len(present) == len(values) else None
 
 
+def mean_stderr(stderrs: list[float | None]) -> float | None:
+    """The standard error of a mean of independent task scores: sqrt(sum of squares) / count
+    (None when a task has none, e.g. lm-eval's N/A for a single item)."""
+    if not stderrs or any(s is None or not math.isfinite(s) for s in stderrs):
+        return None
+    return math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)
+
+
+def _stderr(task: dict[str, Any]) -> float | None:
+    value = task.get("stderr")
+    return _points(value) if isinstance(value, (int, float)) else None
+
+
 def downstream_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """results.json -> {"tasks_ja", "tasks_en", "models": {name: {"scores": {task: points}, "ja_avg", "en_avg",
-    "ja_gain", "en_forgetting"}}}. Averages are plain means over the tasks in points (None when a list is
-    empty); gain and forgetting are in points against base (None for base itself)."""
+    """results.json -> {"tasks_ja", "tasks_en", "models": {name: {"scores": {task: points}, "stderr": {task:
+    points}, "ja_avg", "en_avg", "ja_avg_stderr", "en_avg_stderr", "ja_gain", "en_forgetting"}}}. Averages
+    are plain means over the tasks in points (None when a list is empty), their stderr lm-eval's task
+    stderrs combined by mean_stderr; gain and forgetting are in points against base (None for base itself)."""
     tasks_ja, tasks_en = list(results["tasks_ja"]), list(results["tasks_en"])
     models: dict[str, dict[str, Any]] = {}
     for name, record in results["models"].items():
         scores = {task: _points(record["tasks"][task]["value"]) for task in tasks_ja + tasks_en}
-        models[name] = {"scores": scores, "ja_avg": _mean([scores[t] for t in tasks_ja]),
-                        "en_avg": _mean([scores[t] for t in tasks_en])}
+        stderr = {task: _stderr(record["tasks"][task]) for task in tasks_ja + tasks_en}
+        models[name] = {"scores": scores, "stderr": stderr, "ja_avg": _mean([scores[t] for t in tasks_ja]),
+                        "en_avg": _mean([scores[t] for t in tasks_en]),
+                        "ja_avg_stderr": mean_stderr([stderr[t] for t in tasks_ja]),
+                        "en_avg_stderr": mean_stderr([stderr[t] for t in tasks_en])}
     base = models.get(BASE, {})
     for name, row in models.items():
         other = name != BASE

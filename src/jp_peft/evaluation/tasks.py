@@ -2,8 +2,9 @@
 
 Three kinds of task, resolved by name:
 
-- bundled: `jpeft_jcqa`, `jpeft_jnli`, `jpeft_marc`, `jpeft_en_mc` (package data under
-  `jp_peft/evaluation/tasks/`, see its README.md). Always available.
+- bundled: `jpeft_jcqa`, `jpeft_jnli`, `jpeft_marc`, `jpeft_en_mc`, and the continuation tasks
+  `jpeft_ja_cont`, `jpeft_en_cont` built from held-out bundled text (`continuation_tasks.py`) (package
+  data under `jp_peft/evaluation/tasks/`, see its README.md). Always available.
 - production: lm-eval's `japanese_leaderboard` tasks and an English set (`PRODUCTION_TASKS`). Their
   data sets live on the Hugging Face Hub, which this code never downloads from: they are read from a
   local data directory,
@@ -35,7 +36,7 @@ from typing import Any
 
 import yaml
 
-BUNDLED_TASKS = ("jpeft_jcqa", "jpeft_jnli", "jpeft_marc", "jpeft_en_mc")
+BUNDLED_TASKS = ("jpeft_jcqa", "jpeft_jnli", "jpeft_marc", "jpeft_en_mc", "jpeft_ja_cont", "jpeft_en_cont")
 JA_LEADERBOARD_MC = ("ja_leaderboard_jcommonsenseqa", "ja_leaderboard_jnli", "ja_leaderboard_marc_ja",
                      "ja_leaderboard_xwinograd")
 JA_LEADERBOARD_GEN = ("ja_leaderboard_jaqket_v2", "ja_leaderboard_jsquad", "ja_leaderboard_mgsm",

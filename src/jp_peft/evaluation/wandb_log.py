@@ -12,6 +12,16 @@ TABLE_COLUMNS = ["task", "lang", "metric", "value", "stderr", "n", "num_fewshot"
 SUMMARY_KEYS = ("ja_avg", "en_avg", "ja_gain", "en_forgetting")
 
 
+def table_key(model: str) -> str:
+    """The W&B key of a model's task table (base, cpt, sft)."""
+    return f"eval/{model}"
+
+
+def summary_key(model: str, key: str) -> str:
+    """The W&B summary key of one of a model's SUMMARY_KEYS (points; gain and forgetting against base)."""
+    return f"eval/{model}/{key}"
+
+
 def log_eval(exp: ExperimentSpec, results: dict[str, Any] | None, summary: dict[str, Any] | None,
              samples: list[dict[str, Any]] | None) -> None:
     """`results`: eval/results.json's record; `summary`: its downstream_summary; `samples`: samples.jsonl rows."""
@@ -29,8 +39,8 @@ def log_eval(exp: ExperimentSpec, results: dict[str, Any] | None, summary: dict[
             for model, record in results["models"].items():
                 rows = [[task, t["lang"], t["metric"], t["value"], t["stderr"], t["n"], t["num_fewshot"],
                          t["config_sha256"]] for task, t in record["tasks"].items()]
-                run.log({f"eval/{model}": wandb.Table(columns=TABLE_COLUMNS, data=rows)})
-            run.summary.update({f"eval/{model}/{key}": row[key] for model, row in summary["models"].items()
+                run.log({table_key(model): wandb.Table(columns=TABLE_COLUMNS, data=rows)})
+            run.summary.update({summary_key(model, key): row[key] for model, row in summary["models"].items()
                                 for key in SUMMARY_KEYS if row[key] is not None})
             run.summary.update({"eval/lm_eval_version": next(iter(results["models"].values()))["lm_eval_version"]})
         if samples:

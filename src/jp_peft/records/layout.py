@@ -3,6 +3,7 @@
     OUTPUT_DIR/GROUP/import/base.json            the base model (HF dir, tokenizer, NeMo checkpoint)
     OUTPUT_DIR/GROUP/data/prepared.json          what the data stage prepared
     OUTPUT_DIR/GROUP/launches/                   NeMo-Run experiment dirs (task logs)
+    OUTPUT_DIR/GROUP/wandb_workspace.json        the W&B workspace definition (`jp-peft wandb workspace`, offline)
     OUTPUT_DIR/NAME/spec.json                    the resolved spec of the run
     OUTPUT_DIR/NAME/.jp-peft.lock                held by the launch using the run (also in GROUP/)
     OUTPUT_DIR/NAME/{cpt,sft}/metrics.json       the stage's metrics record (jp_peft.records.metrics)
@@ -18,6 +19,7 @@
     OUTPUT_DIR/NAME/eval/results.json            downstream task scores of base, cpt and sft (lm-eval records)
     OUTPUT_DIR/NAME/eval/samples.jsonl           greedy answers of base, cpt and sft to the bundled prompts
     OUTPUT_DIR/NAME/summary.json                 the table printed at the end
+    OUTPUT_DIR/NAME/wandb/                       W&B's folders of the stages' runs (training.wandb_run)
 
 GROUP is the sweep's group (NAME for a single run): the stages a sweep shares write there.
 """
@@ -118,6 +120,11 @@ def train_log(spec: ExperimentSpec, stage: str) -> Path:
 
 def train_log_of(run_dir: Path, stage: str) -> Path:
     return stage_dir_of(run_dir, stage) / "train_log.jsonl"
+
+
+def wandb_workspace_file(group_dir: Path) -> Path:
+    """`jp-peft wandb workspace`'s offline output: the experiment's W&B workspace definition."""
+    return Path(group_dir) / "wandb_workspace.json"
 
 
 def wandb_run_id_file(spec: ExperimentSpec, stage: str) -> Path:

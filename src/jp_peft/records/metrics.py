@@ -25,6 +25,11 @@ TRAIN_LOSS = "train/loss"
 STEP_TIME = "perf/step_time_s"
 TOKENS_PER_S = "perf/tokens_per_s"
 CONSUMED_TOKENS = "perf/consumed_tokens"
+LEARNING_RATE = "train/lr"
+TFLOPS_PER_S = "perf/tflops_per_s"
+MFU = "perf/mfu"  # only where the device's peak is known (training/flops.peak_tflops)
+JA_PPL_GAIN = "val/ja_ppl_gain"  # fractions of the stage's starting perplexity (validation_row)
+EN_PPL_FORGETTING = "val/en_ppl_forgetting"
 LANGUAGES = ("ja", "en")  # held-out sets: the Japanese gain, the English forgetting
 
 
@@ -36,17 +41,22 @@ def val_ppl_key(lang: str) -> str:
     return f"val/{lang}_ppl"
 
 
-def validation_row(step: int, losses: dict[str, float], baseline: dict[str, float] | None) -> dict[str, Any]:
+def validation_row(step: int, losses: dict[str, float], baseline: dict[str, float] | None,
+                   consumed_tokens: int | None = None) -> dict[str, Any]:
     """One validation's row: each language's loss and perplexity and, against the starting model's
-    losses, the Japanese gain and the English forgetting as fractions of its perplexity."""
+    losses, the Japanese gain and the English forgetting as fractions of its perplexity; with the tokens
+    the stage had trained on, when given (W&B plots a metric against another only within one logged row:
+    the workspace's validation panels use them as x-axis)."""
     row: dict[str, Any] = {STEP: step}
+    if consumed_tokens is not None:
+        row[CONSUMED_TOKENS] = consumed_tokens
     for lang, loss in losses.items():
         row[val_loss_key(lang)] = loss
         row[val_ppl_key(lang)] = math.exp(loss)
     if baseline and "ja" in baseline and "ja" in losses:
-        row["val/ja_ppl_gain"] = gain_fraction(math.exp(baseline["ja"]), math.exp(losses["ja"]))
+        row[JA_PPL_GAIN] = gain_fraction(math.exp(baseline["ja"]), math.exp(losses["ja"]))
     if baseline and "en" in baseline and "en" in losses:
-        row["val/en_ppl_forgetting"] = forgetting_fraction(math.exp(baseline["en"]), math.exp(losses["en"]))
+        row[EN_PPL_FORGETTING] = forgetting_fraction(math.exp(baseline["en"]), math.exp(losses["en"]))
     return row
 
 

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from jp_peft.training.flops import peak_tflops
+from jp_peft.records.metrics import LEARNING_RATE, MFU, TFLOPS_PER_S
 from jp_peft.records.progress import progress_line
 
 
@@ -73,7 +74,7 @@ class StepMetrics(pl.Callback):
         row = {
             "trainer/global_step": trainer.global_step,
             "train/loss": sum(self.losses) / len(self.losses),
-            "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
+            LEARNING_RATE: trainer.optimizers[0].param_groups[0]["lr"],
             "train/grad_norm": self.grad_norm,
             "perf/step_time_s": seconds,
             "perf/tokens_per_s": self.tokens / seconds,
@@ -81,10 +82,10 @@ class StepMetrics(pl.Callback):
             "perf/consumed_tokens": self.consumed_tokens,
             "perf/consumed_samples": self.consumed_samples,
             "perf/peak_memory_mb": peak_memory_mb(),
-            "perf/tflops_per_s": tflops,
+            TFLOPS_PER_S: tflops,
         }
         if self.peak:
-            row["perf/mfu"] = tflops / self.peak
+            row[MFU] = tflops / self.peak
         assert all(v is None or math.isfinite(v) for v in row.values()), f"non-finite metric at step {trainer.global_step}"
         self.history.append(row)
         self.step_seconds.append(seconds)
@@ -138,12 +139,12 @@ class MegatronStepMetrics(pl.Callback):
         self.step_seconds.append(seconds)
         tflops = self.flops_per_token * self.tokens_per_step / seconds / 1e12
         row = {"trainer/global_step": trainer.global_step, "train/loss": _loss_of(outputs, trainer),
-               "train/lr": self.step_lrs[0], "perf/step_time_s": seconds,
+               LEARNING_RATE: self.step_lrs[0], "perf/step_time_s": seconds,
                "perf/tokens_per_s": self.tokens_per_step / seconds,
                "perf/consumed_tokens": trainer.global_step * self.tokens_per_step,
-               "perf/peak_memory_mb": peak_memory_mb(), "perf/tflops_per_s": tflops}
+               "perf/peak_memory_mb": peak_memory_mb(), TFLOPS_PER_S: tflops}
         if self.peak:
-            row["perf/mfu"] = tflops / self.peak
+            row[MFU] = tflops / self.peak
         if self.step_lrs[1] is not None:
             row["train/lr_embed"] = self.step_lrs[1]
         for logger in trainer.loggers:

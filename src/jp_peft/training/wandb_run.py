@@ -9,6 +9,7 @@ The API key is read by wandb from the environment and never copied anywhere.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -91,6 +92,15 @@ def log_adapter_artifact(logger, exp: ExperimentSpec, stage: str, adapter_dir: P
 def offline_runs(directory: str) -> list[Path]:
     """The offline W&B run directories (offline-run-*) anywhere under `directory`, sorted: what sync uploads."""
     return sorted(p for p in Path(directory).rglob("offline-run-*") if p.is_dir())
+
+
+def run_ids(run_dir: Path) -> list[str]:
+    """The ids of the W&B runs a run directory logged (its wandb/ folder: `offline-run-DATE_TIME-ID` or, logged
+    online, `run-DATE_TIME-ID`), in the order they ran."""
+    pattern = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-(.+)")
+    found = [(p.name, m.group(1)) for p in (Path(run_dir) / "wandb").glob("*run-*")
+             if p.is_dir() and not p.is_symlink() and (m := pattern.fullmatch(p.name))]
+    return [run_id for _, run_id in sorted(found, key=lambda f: f[0].removeprefix("offline-"))]
 
 
 def sync_offline_runs(directory: str) -> int:

@@ -130,7 +130,7 @@ class TrainedStageModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         losses = {name: total / max(count, 1) for name, (total, count) in self._val_sums.items()}
-        row = validation_row(self.trainer.global_step, losses, self.base_val)
+        row = validation_row(self.trainer.global_step, losses, self.base_val, self.consumed_tokens)
         self.val_history.append(row)
         for logger in self.trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != STEP}, step=self.trainer.global_step)

@@ -191,7 +191,8 @@ def callbacks(spec: ExperimentSpec, stage: str) -> list[run.Config]:
                    max_blocks=train.limit_val_batches * train.micro_batch_size,
                    every_n_steps=train.val_check_interval, log_path=log,
                    baseline_path=str(rundir.val_baseline(spec, stage)),
-                   checkpoint_dir=str(rundir.nemo_checkpoints(spec, stage))),
+                   checkpoint_dir=str(rundir.nemo_checkpoints(spec, stage)),
+                   tokens_per_step=train.global_batch_size * data.seq_length),
         # after LanguageValidation: it reads the row that callback wrote at the same step
         *([run.Config(EarlyStopping, patience=train.early_stopping_patience, min_delta=train.early_stopping_min_delta)]
           if train.early_stopping_patience else []),

@@ -27,8 +27,10 @@ class LanguageValidation(pl.Callback):
     VALIDATION_HISTORY = True  # `history` holds the validation rows early stopping reads (training/early_stopping.py)
 
     def __init__(self, prefixes: dict[str, str], seq_length: int, max_blocks: int, every_n_steps: int,
-                 log_path: str, baseline_path: str, checkpoint_dir: str, micro_batch: int = 4):
+                 log_path: str, baseline_path: str, checkpoint_dir: str, micro_batch: int = 4,
+                 tokens_per_step: int | None = None):
         self.prefixes = dict(prefixes)
+        self.tokens_per_step = tokens_per_step  # global batch x seq length: a row's consumed tokens
         self.seq_length, self.max_blocks, self.micro_batch = seq_length, max_blocks, micro_batch
         self.every_n_steps = every_n_steps
         self.log_path, self.baseline_path = Path(log_path), Path(baseline_path)
@@ -71,7 +73,8 @@ class LanguageValidation(pl.Callback):
         return out
 
     def _record(self, trainer, losses: dict[str, float]) -> dict:
-        row = validation_row(trainer.global_step, losses, self.baseline)
+        consumed = trainer.global_step * self.tokens_per_step if self.tokens_per_step else None
+        row = validation_row(trainer.global_step, losses, self.baseline, consumed)
         self.history.append(row)
         self._last_step = trainer.global_step
         for logger in trainer.loggers:
