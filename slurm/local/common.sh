@@ -1,6 +1,6 @@
 # Shared by start.sh, stop.sh and status.sh (sourced): where the dev cluster lives, and which running
 # daemons are its own. Every file is under $DIR; every client and daemon reads $DIR/slurm.conf.
-DIR=${JP_PEFT_SLURM_DIR:-/tmp/jp-peft-slurm-dev}
+DIR=$(realpath -m "${JP_PEFT_SLURM_DIR:-/tmp/jp-peft-slurm-dev}")
 export SLURM_CONF=$DIR/slurm.conf
 MUNGE_SOCKET=$DIR/munge/munge.socket
 
