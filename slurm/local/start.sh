@@ -23,7 +23,7 @@ HOST=$(hostname -s)
 CPUS=$(nproc)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))  # MiB, leaving 1 GiB to the OS
 
-# Two nodes share this host's CPUs and memory (each gets half): the cluster never offers more than it has.
+# Two nodes share this host's CPUs and memory: each gets half (at least one CPU).
 # Each is its own slurmd (-N NAME) on its own port; Slurm tells them apart by port on the same address.
 if [ "$NODES" -eq 1 ]; then
   names=("$HOST")

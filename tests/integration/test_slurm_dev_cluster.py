@@ -1,5 +1,6 @@
 """The dev cluster of slurm/local/ itself, real daemons: two nodes on this one host (two slurmd), a job
-with one task on each, the launcher's Slurm executor running a two-node torchrun job, and a cluster that
+with one task on each, a job that loses a node, the launcher's Slurm executor running a two-node torchrun
+job, and a cluster that
 keeps to its own files and daemons (its own SLURM_CONF, munged and pid files; nothing under /etc; stop.sh
 stops only what start.sh started)."""
 
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,33 @@ def test_a_two_node_job_runs_one_task_on_each_node(cluster, tmp_path):
     assert job_info(job)["NodeList"] == "node[1-2]"
     lines = sorted(re.findall(r"^task (\d) on (\S+) node (\d)$", (tmp_path / f"{job}.out").read_text(), re.M))
     assert lines == [("0", "node1", "0"), ("1", "node2", "1")], (tmp_path / f"{job}.out").read_text()
+
+
+def test_a_two_node_job_that_loses_a_node_ends_at_once_saying_which(cluster, tmp_path):
+    """A node of the dev cluster can be lost on purpose (scontrol: DOWN): the job on it ends NODE_FAIL within
+    seconds, not at its time limit, and its log names the node."""
+    job = subprocess.run(["sbatch", "--parsable", "--no-requeue", "--nodes=2", "--ntasks-per-node=1",
+                          "-o", str(tmp_path / "%j.out"), "--wrap", "srun sleep 300"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        for _ in range(120):
+            if job_info(job).get("JobState") == "RUNNING":
+                break
+            time.sleep(0.5)
+        assert job_info(job)["JobState"] == "RUNNING", job_info(job)
+        time.sleep(1)  # the step is launched on both nodes
+        subprocess.run(["scontrol", "update", f"nodename={cluster[1]}", "state=down", "reason=jp-peft-test"],
+                       check=True)
+        states = wait_for({"lost": job}, timeout_s=60, poll_s=0.5, log=lambda *_: None)
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={cluster[1]}", "state=resume"], check=False)
+        for _ in range(60):  # back to idle before the next test
+            if subprocess.run(["sinfo", "-h", "-n", cluster[1], "-o", "%T"], capture_output=True,
+                              text=True).stdout.strip() == "idle":
+                break
+            time.sleep(0.5)
+    assert states["lost"][0] == "NODE_FAIL", (states, job_info(job))
+    assert f"Node failure on {cluster[1]}" in (tmp_path / f"{job}.out").read_text()
 
 
 def test_the_launchers_slurm_executor_runs_a_two_node_torchrun_job(cluster, tmp_path):
