@@ -14,7 +14,7 @@ smoke: setup
 
 slurm-up:
 	bash slurm/local/install.sh
-	bash slurm/local/start.sh
+	bash slurm/local/start.sh --nodes 2
 
 slurm-down:
 	bash slurm/local/stop.sh

@@ -32,18 +32,27 @@ def repo() -> Path:
     return REPO
 
 
+# The dev cluster's runtime directory (slurm/local/common.sh): its config, state, logs and pid files.
+SLURM_DIR = Path(os.environ.get("JP_PEFT_SLURM_DIR", "/tmp/jp-peft-slurm-dev"))
+CLUSTER_NODES = ["node1", "node2"]
+
+
 @pytest.fixture(scope="session")
 def cluster():
-    """The single-node Slurm cluster of slurm/local/ (installed and started once; root only)."""
+    """The dev Slurm cluster of slurm/local/ with two nodes (two slurmd on this host), installed and started
+    once (root only). Its config is its own (SLURM_CONF, exported here for every Slurm command the tests and
+    the launchers they start run); nothing under /etc/slurm is read or written."""
     import subprocess
 
-    for script in ("install.sh", "start.sh"):
-        proc = subprocess.run(["bash", str(REPO / "slurm/local" / script)], capture_output=True, text=True)
+    for script in (["install.sh"], ["start.sh", "--nodes", "2"]):
+        proc = subprocess.run(["bash", str(REPO / "slurm/local" / script[0]), *script[1:]], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             if os.geteuid() != 0:
                 pytest.skip(f"the local Slurm cluster needs root to install/start: {proc.stderr.strip()}")
-            raise AssertionError(f"slurm/local/{script} failed: {proc.stdout}{proc.stderr}")
-    return True
+            raise AssertionError(f"slurm/local/{script[0]} failed: {proc.stdout}{proc.stderr}")
+    os.environ["SLURM_CONF"] = str(SLURM_DIR / "slurm.conf")
+    return CLUSTER_NODES
 
 
 @pytest.fixture(scope="session")

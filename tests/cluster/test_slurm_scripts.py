@@ -361,3 +361,46 @@ def test_slurm_without_sbatch_exits_2_naming_it_and_dryrun_still_works(tmp_path)
     dry = subprocess.run([*EXPERIMENT, "--dryrun", "--verbose", "--output-dir", str(tmp_path / "runs")], capture_output=True,
                          text=True, timeout=300, cwd=REPO, env=env)
     assert dry.returncode == 0 and "#SBATCH --job-name=jp-peft.smoke-import" in dry.stdout, dry.stderr[-2000:]
+
+
+@pytest.mark.unit
+def test_a_profiles_slurm_conf_is_what_every_slurm_command_of_the_launch_reads(tmp_path, monkeypatch):
+    """local.yaml names the dev cluster's own config (not /etc/slurm's); the launcher exports it as SLURM_CONF,
+    which its sbatch, scontrol and scancel and, through sbatch, the jobs read; an exported SLURM_CONF wins."""
+    from jp_peft.cluster.executors import SlurmUnavailable, use_slurm_conf
+
+    local = load_profile("local")
+    assert local.slurm_conf == "/tmp/jp-peft-slurm-dev/slurm.conf"
+    conf = tmp_path / "slurm.conf"
+    profile = dataclasses.replace(local, slurm_conf=str(conf))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    with pytest.raises(SlurmUnavailable, match=r"slurm_conf: .*slurm.conf does not exist; .*slurm/local/start.sh"):
+        use_slurm_conf(profile)
+    assert "SLURM_CONF" not in os.environ
+    conf.write_text("ClusterName=x\n")
+    use_slurm_conf(profile)
+    assert os.environ["SLURM_CONF"] == str(conf)
+    monkeypatch.setenv("SLURM_CONF", "/elsewhere/slurm.conf")
+    use_slurm_conf(profile)
+    assert os.environ["SLURM_CONF"] == "/elsewhere/slurm.conf"
+    ssh = tmp_path / "ssh.yaml"
+    ssh.write_text("account: a\npartition: p\nslurm_conf: /x/slurm.conf\n"
+                   "tunnel: {type: ssh, host: h, user: u, job_dir: /j}\n")
+    with pytest.raises(ProfileError, match="slurm_conf .* local tunnel"):
+        load_profile(str(ssh))
+
+
+@pytest.mark.unit
+def test_sbatch_from_inside_a_job_keeps_the_clusters_slurm_conf(monkeypatch):
+    from jp_peft.data.engine import _submitting_env
+
+    monkeypatch.setenv("SLURM_CONF", "/tmp/jp-peft-slurm-dev/slurm.conf")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    with _submitting_env():
+        assert "SLURM_ARRAY_TASK_ID" not in os.environ
+        assert os.environ["SLURM_CONF"] == "/tmp/jp-peft-slurm-dev/slurm.conf"
+    assert os.environ["SLURM_ARRAY_TASK_ID"] == "3"

@@ -1,4 +1,4 @@
-"""`jp-peft data prepare --executor slurm` on the real single-node cluster (slurm/local/): one array job
+"""`jp-peft data prepare --executor slurm` on the real dev cluster (slurm/local/): one array job
 per stage, the same outputs and report as the local executor, a task that dies resubmitted and said so
 in the report, a task that keeps dying failing the command with its log, an unreadable input failing as
 it does locally."""

@@ -1,4 +1,4 @@
-"""The experiment on a real single-node Slurm cluster (slurm/local/): submission with afterok
+"""The experiment on the real dev Slurm cluster (slurm/local/, two nodes): submission with afterok
 dependencies, a failing stage that stops its dependents, and a requeue that resumes."""
 
 import json

@@ -57,6 +57,11 @@ class SlurmUnavailable(ValueError):
     """Slurm's commands are not installed where jobs are submitted from."""
 
 
+NO_SBATCH = ("--executor slurm submits jobs with Slurm's `sbatch`, which is not on PATH here: install Slurm's client "
+             "commands (slurm/local/README.md for a dev cluster), submit from a login node, or use a profile with "
+             "tunnel type ssh; --dryrun needs no Slurm")
+
+
 @dataclass(kw_only=True)
 class SubmittingLocalTunnel(run.LocalTunnel):
     """NeMo-Run's LocalTunnel (submit from this machine), saying in one line when `sbatch` is missing
@@ -64,9 +69,7 @@ class SubmittingLocalTunnel(run.LocalTunnel):
 
     def run(self, command: str, hide: bool = True, warn: bool = False, **kwargs):
         if command.split(maxsplit=1)[:1] == ["sbatch"] and shutil.which("sbatch") is None:
-            raise SlurmUnavailable("--executor slurm submits jobs with Slurm's `sbatch`, which is not on PATH here: "
-                                   "install Slurm's client commands (slurm/local/README.md for a dev cluster), submit "
-                                   "from a login node, or use a profile with tunnel type ssh; --dryrun needs no Slurm")
+            raise SlurmUnavailable(NO_SBATCH)
         return super().run(command, hide=hide, warn=warn, **kwargs)
 
 
@@ -139,6 +142,9 @@ class SlurmProfile:
     signal_before_timelimit_s: int = 120
     wandb_key_file: str | None = None  # a file only the user can read; its contents never enter the script
     tunnel: dict[str, Any] = field(default_factory=lambda: {"type": "local"})
+    # The cluster's slurm.conf, for a cluster whose commands do not find it by themselves (the dev cluster of
+    # slurm/local/ keeps its own, not /etc/slurm's): see use_slurm_conf. A SLURM_CONF already set wins.
+    slurm_conf: str | None = None
 
     REQUIRED = ("account", "partition")
 
@@ -217,6 +223,9 @@ def load_profile(name_or_path: str) -> SlurmProfile:
         for key in ("host", "user", "job_dir"):
             if not tunnel.get(key):
                 raise ProfileError(f"{path}: tunnel.{key} is required for an ssh tunnel")
+    if values.get("slurm_conf") and tunnel["type"] != "local":
+        raise ProfileError(f"{path}: slurm_conf names this machine's config for a local tunnel; over ssh, set "
+                           "SLURM_CONF on the login node")
     if values.get("container_setup") and not values.get("container_image"):
         raise ProfileError(f"{path}: container_setup needs a container_image (use setup on bare metal)")
     # {repo}: the checkout jp-peft runs from (e.g. `source {repo}/.venv/bin/activate`), which a wheel has not
@@ -245,6 +254,20 @@ def load_profile(name_or_path: str) -> SlurmProfile:
                 raise ProfileError(f"{path}: env.{env_key}: {value!r} is not a single shell word; sbatch scripts "
                                    f"export it unquoted, so quote it inside the value, e.g. '\"{value}\"'")
     return SlurmProfile(path=str(path), **values)
+
+
+def use_slurm_conf(profile: SlurmProfile) -> None:
+    """Point every Slurm command this process starts at the profile's cluster: the launcher's sbatch (NeMo-Run's
+    tunnel), scontrol, squeue and scancel read SLURM_CONF, and the jobs inherit it (sbatch exports the submitting
+    environment), so their srun and scontrol talk to the same cluster. An exported SLURM_CONF is the user's
+    choice and is kept. Called before anything is planned or written: a missing sbatch or config is refused here."""
+    if profile.tunnel.get("type", "local") == "local" and shutil.which("sbatch") is None:
+        raise SlurmUnavailable(NO_SBATCH)
+    if profile.slurm_conf and "SLURM_CONF" not in os.environ:
+        if not Path(profile.slurm_conf).is_file():
+            raise SlurmUnavailable(f"{profile.path}: slurm_conf: {profile.slurm_conf} does not exist; for the dev "
+                                   "cluster, start it first: bash slurm/local/start.sh (slurm/local/README.md)")
+        os.environ["SLURM_CONF"] = profile.slurm_conf
 
 
 def check_training_fits(profile: SlurmProfile, gpus: int) -> None:
@@ -310,11 +333,12 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
     torchrun starts one process per allocated GPU. Otherwise (import, data, export, eval, hf
     training) one task on one node with at most one GPU: every extra task would run the whole
     stage again over the same files. on_cpu (the Megatron CPU tier, the tiny model): torchrun starts one
-    process on one node, no GPU.
+    process per node (`nodes`, default 1), no GPU; the spec allows one node there, the dev cluster's two-node
+    test runs two.
     """
     nprocs = None
     if torchrun and on_cpu:
-        nodes, gpus, nprocs = 1, 0, 1
+        nodes, gpus, nprocs = nodes or 1, 0, 1
     elif torchrun:
         nodes = nodes or profile.nodes
         gpus = profile.gpus_per_node if gpus_per_node is None else gpus_per_node

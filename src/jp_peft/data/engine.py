@@ -246,8 +246,9 @@ def _raise_recorded_error(work: WorkDir) -> None:
 @contextlib.contextmanager
 def _submitting_env():
     """sbatch from inside a Slurm job (the experiment's data stage) inherits SLURM_* variables that would
-    make datatrove think it is an array task, or clash with the new job's own options."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
+    make datatrove think it is an array task, or clash with the new job's own options. SLURM_CONF stays: it
+    names the cluster to submit to (the dev cluster's is not /etc/slurm's)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SLURM_") and k != "SLURM_CONF"}
     for key in saved:
         del os.environ[key]
     try:
@@ -261,6 +262,12 @@ def _run_on_slurm(stages, profile, work: WorkDir) -> None:
 
     if shutil.which("sbatch") is None:
         raise ConfigError("--executor slurm submits array jobs with Slurm's `sbatch`, which is not on PATH here")
+    from jp_peft.cluster.executors import SlurmUnavailable, use_slurm_conf
+
+    try:
+        use_slurm_conf(profile)
+    except SlurmUnavailable as exc:
+        raise ConfigError(f"--slurm-profile: {exc}") from None
     for stale in work.sub("errors").glob("*.json"):
         stale.unlink()
     retried: dict[str, list[int]] = {}

@@ -22,10 +22,12 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
     from jp_peft.run.locks import RunLocks, check_reuse, start_over
 
     if executor == "slurm":  # a missing or broken profile is refused before anything is planned or written
-        from jp_peft.cluster.executors import SlurmProfile, check_placeholders, load_profile
+        from jp_peft.cluster.executors import SlurmProfile, check_placeholders, load_profile, use_slurm_conf
 
         profile = profile if isinstance(profile, SlurmProfile) else load_profile(profile)
         check_placeholders(profile, dryrun)
+        if not dryrun:  # before the locks ask scontrol about earlier jobs; a dry run needs no Slurm
+            use_slurm_conf(profile)
     tasks = plan(values, overrides, sweep, stages, dryrun=dryrun)
     first = tasks[0].spec
     specs = list({t.spec.run_dir: t.spec for t in tasks}.values())
