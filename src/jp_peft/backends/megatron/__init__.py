@@ -26,8 +26,6 @@ class MegatronBackend(Backend):
             if not spec.model.tiny:
                 raise SpecError("cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny "
                                 "model (--smoke); a real model needs a GPU, or --backend hf")
-            if spec.cluster.world_size != 1:
-                raise SpecError("cluster: the Megatron backend on CPU runs one process (num_nodes=1, gpus_per_node=1)")
         # LoRA targets NeMo cannot train are refused before anything is queued
         from jp_peft.backends.megatron.lora_mapping import to_nemo_targets
 
