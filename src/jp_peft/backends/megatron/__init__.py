@@ -26,6 +26,12 @@ class MegatronBackend(Backend):
             if not spec.model.tiny:
                 raise SpecError("cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny "
                                 "model (--smoke); a real model needs a GPU, or --backend hf")
+        # Each of cluster.gpus_per_node is a gloo rank on CPU (data and tensor parallel run there); the
+        # per-language validation runs the model's whole forward in one process, so no pipeline split yet
+        if spec.cluster.pipeline_parallel > 1:
+            raise SpecError("cluster.pipeline_parallel: the Megatron backend's per-language validation runs the "
+                            "whole model in each process (LanguageValidation); use tensor_parallel or data "
+                            "parallel ranks (cluster.gpus_per_node) instead")
         # LoRA targets NeMo cannot train are refused before anything is queued
         from jp_peft.backends.megatron.lora_mapping import to_nemo_targets
 
