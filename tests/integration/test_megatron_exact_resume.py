@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from megatron_tier import export_adapters, run_in_own_group, train_losses, val_losses
 
 pytestmark = [pytest.mark.megatron_cpu, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -59,18 +60,6 @@ STOPS = {  # signal: (exit status of the stopped process, the step its newest ch
     signal.SIGINT: (3, STOP_STEP),
 }
 
-EXPORT_ADAPTERS = """
-import sys
-from jp_peft.backends.megatron import cpu as megatron_cpu
-megatron_cpu.enable()
-import jp_peft.backends.megatron.nemo_exporters
-from nemo.collections import llm
-from jp_peft.backends.megatron.stages import last_checkpoint
-for ckpt_dir, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    llm.export_ckpt(path=last_checkpoint(ckpt_dir), target="hf-peft", output_path=out)
-"""
-
-
 def stage_spec(run_dir: Path, stage: str, name: str, tmp: Path) -> Path:
     spec = json.loads((run_dir / "spec.json").read_text())
     spec.update(name=name, group=run_dir.name, stages=[stage])
@@ -88,41 +77,6 @@ def run_stage(stage: str, spec: Path, env: dict, stop: signal.Signals | None = N
         command = [sys.executable, "-c", STOP_AT_CHECKPOINT]
         env.update(JP_PEFT_TEST_STOP_STEP=str(STOP_STEP), JP_PEFT_TEST_STOP_SIGNAL=str(int(stop)))
     return run_in_own_group([*command, "stage", stage, "--spec", str(spec)], env)
-
-
-def run_in_own_group(command: list[str], env: dict) -> subprocess.CompletedProcess:
-    """Output to files, not pipes, in a session of its own: a SIGKILLed Megatron stage leaves the processes
-    it spawned (multiprocessing's resource tracker and a spawn child) alive, holding any pipe open; they are
-    killed here, with the whole session, and reported."""
-    import contextlib
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO, env=env, start_new_session=True)
-        try:
-            status = proc.wait(timeout=900)
-        finally:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, 0)
-                print(f"left behind by {command[-3:]}: processes of session {proc.pid}, killed")
-                os.killpg(proc.pid, signal.SIGKILL)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(command, status, out.read(), err.read())
-
-
-def rows(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_losses(stage_dir: Path) -> dict[int, float]:
-    found = [(r["trainer/global_step"], r["train/loss"]) for r in rows(stage_dir) if "train/loss" in r]
-    assert [s for s, _ in found] == sorted({s for s, _ in found}), f"a step was logged twice: {found}"
-    return dict(found)
-
-
-def val_losses(stage_dir: Path) -> list[tuple]:
-    return [(r["trainer/global_step"], r["val/ja_loss"], r["val/en_loss"]) for r in rows(stage_dir) if "val/ja_loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +118,6 @@ def uninterrupted(megatron_group, tmp_path_factory):
                          ids=lambda v: v.name if isinstance(v, signal.Signals) else v)
 def test_stopped_megatron_stage_resumes_bit_for_bit(megatron_group, uninterrupted, tmp_path, stage, stop):
     import torch
-    from safetensors.torch import load_file
 
     run_dir, _, env = megatron_group
     reference = uninterrupted(stage)
@@ -193,13 +146,7 @@ def test_stopped_megatron_stage_resumes_bit_for_bit(megatron_group, uninterrupte
     loss_diff = max(abs(ref[s] - got[s]) for s in ref)
     assert val_losses(stage_dir) == val_losses(reference)
 
-    out = tmp_path / "adapters"
-    proc = subprocess.run([sys.executable, "-c", EXPORT_ADAPTERS, str(reference / "nemo" / "checkpoints"),
-                           str(out / "reference"), str(stage_dir / "nemo" / "checkpoints"), str(out / "resumed")],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_file(out / "reference" / "adapter_model.safetensors")
-    b = load_file(out / "resumed" / "adapter_model.safetensors")
+    a, b = export_adapters({"reference": reference, "resumed": stage_dir}, tmp_path / "adapters", env).values()
     adapter_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"megatron {stage} {stop.name}: largest loss difference {loss_diff:.3g}, adapter {adapter_diff:.3g}")
     assert got == ref, f"losses differ by up to {loss_diff:.3g}"

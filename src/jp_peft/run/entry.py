@@ -100,8 +100,13 @@ def _summary(report: dict) -> dict:
 # --- training and export (the backend's) ------------------------------------------------------
 
 def run_train(exp: ExperimentSpec, stage: str, recipe=None):
+    from jp_peft.training.ranks import is_rank_zero, wait_for_all_ranks
+
     metrics = backend_of(exp).train(exp, stage, recipe)
     metrics = dataclasses.replace(metrics, spec_fingerprint=fingerprint(exp))
+    wait_for_all_ranks()  # every rank finished training before the record says the stage is done
+    if not is_rank_zero():
+        return metrics
     metrics.write(rundir.metrics_file(exp, stage))
     _log(f"{stage}: ja ppl {metrics.base_val_ppl_ja:.2f} -> {metrics.val_ppl_ja:.2f}, "
          f"en ppl {metrics.base_val_ppl_en:.2f} -> {metrics.val_ppl_en:.2f}, {metrics.wall_seconds:.1f} s")

@@ -137,9 +137,10 @@ def executor_factory(kind: str, profile_name, base_dir: Path):
     if kind == "local":
         def for_task(task: PlannedTask):
             needs = backend_of(task.spec).launch_needs(task.spec, task.stage)
-            # torchrun for distributed ranks on GPUs; NeMo's CPU tier is one process, which NeMo sets up by itself
-            # and a stop reaches directly (torchrun would stand between the signal and NeMo's preemption save)
-            return local_executor(devices=needs.processes_per_node, torchrun=needs.distributed and not needs.on_cpu)
+            # torchrun for distributed ranks (GPUs, or gloo ranks on CPU); one CPU process NeMo sets up by itself,
+            # and a stop reaches it directly
+            one_cpu_process = needs.on_cpu and needs.nodes * needs.processes_per_node == 1
+            return local_executor(devices=needs.processes_per_node, torchrun=needs.distributed and not one_cpu_process)
         return for_task
 
     profile = profile_name if isinstance(profile_name, SlurmProfile) else load_profile(profile_name)

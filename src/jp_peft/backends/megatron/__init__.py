@@ -26,8 +26,12 @@ class MegatronBackend(Backend):
             if not spec.model.tiny:
                 raise SpecError("cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny "
                                 "model (--smoke); a real model needs a GPU, or --backend hf")
-            if spec.cluster.world_size != 1:
-                raise SpecError("cluster: the Megatron backend on CPU runs one process (num_nodes=1, gpus_per_node=1)")
+        # Each of cluster.gpus_per_node is a gloo rank on CPU (data and tensor parallel run there); the
+        # per-language validation runs the model's whole forward in one process, so no pipeline split yet
+        if spec.cluster.pipeline_parallel > 1:
+            raise SpecError("cluster.pipeline_parallel: the Megatron backend's per-language validation runs the "
+                            "whole model in each process (LanguageValidation); use tensor_parallel or data "
+                            "parallel ranks (cluster.gpus_per_node) instead")
         # LoRA targets NeMo cannot train are refused before anything is queued
         from jp_peft.backends.megatron.lora_mapping import to_nemo_targets
 

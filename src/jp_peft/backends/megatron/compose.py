@@ -92,8 +92,7 @@ def apply_hf_shape(config: run.Config, hf: dict) -> None:
 
 def use_cpu(recipe: run.Partial, spec: ExperimentSpec, stage: str) -> None:
     """Device fields for NeMo's Megatron path on CPU (backends/megatron/cpu.py gets past the rest)."""
-    recipe.trainer.accelerator = "cpu"
-    recipe.trainer.devices = 1
+    recipe.trainer.accelerator = "cpu"  # each of cluster.gpus_per_node "GPUs" is a gloo rank
     recipe.model.config.use_cpu_initialization = True
     recipe.model.config.masked_softmax_fusion = False  # the fused softmax is a CUDA kernel
     # megatron's torch AdamW fallback (no TE/Apex fused Adam) keeps a 0-dim `step` per parameter, which
@@ -103,6 +102,16 @@ def use_cpu(recipe: run.Partial, spec: ExperimentSpec, stage: str) -> None:
     # Saves write in this process: the async writer is a forked child in the stage's process group, which a
     # stop (SIGTERM to the group) would kill mid-write, leaving the preemption checkpoint unfinished
     recipe.trainer.strategy.ckpt_async_save = False
+    # Each rank reads its own shards: the fully parallel load splits reads across ranks and exchanges the
+    # tensors through CUDA buffers (megatron/core/dist_checkpointing/exchange_utils.py:101-113, :502)
+    recipe.trainer.strategy.ckpt_parallel_load = False
+    # Gradient reduction and parameter gathers run inside the step, in order: the overlapped (asynchronous)
+    # ones hung two gloo ranks at a step's end
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    recipe.trainer.strategy.ddp = run.Config(DistributedDataParallelConfig, overlap_grad_reduce=False,
+                                             overlap_param_gather=False, check_for_nan_in_grad=True,
+                                             use_distributed_optimizer=True)
     recipe.data.num_workers = 0  # two cores: loader workers would only compete with the training process
     if stage_row(stage).data_kind == CHAT:  # packed (THD) attention is Transformer Engine only: unpacked, micro batches as in the spec
         recipe.data.packed_sequence_specs = None

@@ -140,6 +140,20 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
                "gathers every rank's timings into a CUDA tensor (NeMo's progress printer reads them)", "44a8c528951430d9",
                (("device=torch.cuda.current_device()", "device='cpu'"),)),
 
+    # --- tensor parallelism: the gathered and scattered activations are allocated on the CUDA device ---
+    Adaptation("megatron.core.tensor_parallel.mappings:_gather_along_last_dim",
+               "megatron/core/tensor_parallel/mappings.py:91",
+               "allocates the gathered activations (the output layer's logits at TP>1) on CUDA", "78507d5543935a72",
+               (("device=torch.cuda.current_device()", "device='cpu'"),)),
+    Adaptation("megatron.core.tensor_parallel.mappings:_gather_along_first_dim",
+               "megatron/core/tensor_parallel/mappings.py:141,148",
+               "allocates the gathered activations on CUDA", "44633fe36d60a51f",
+               (("device=torch.cuda.current_device()", "device='cpu'", 2),)),
+    Adaptation("megatron.core.tensor_parallel.mappings:_reduce_scatter_along_first_dim",
+               "megatron/core/tensor_parallel/mappings.py:181",
+               "allocates the reduce-scattered activations on CUDA", "7322068fab71d319",
+               (("device=torch.cuda.current_device()", "device='cpu'"),)),
+
     Adaptation("nemo.collections.llm.gpt.data.utils:_get_samples_mapping", "nemo/collections/llm/gpt/data/utils.py:777",
                "counts the ranks that built the SFT sample mapping in a torch.cuda.LongTensor", "574dc027574a3ca5",
                (("torch.cuda.LongTensor([1])", "torch.LongTensor([1])"),)),

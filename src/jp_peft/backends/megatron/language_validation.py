@@ -70,6 +70,15 @@ class LanguageValidation(pl.Callback):
                 out[lang] = total / count
         finally:
             pl_module.train(was_training)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank measures the same blocks with the same model: tensor-parallel ranks share one result,
+            # data-parallel ones agree up to summation order. Rank 0's values are what every rank records and
+            # early stopping decides on, so all ranks stop at the same step.
+            values = torch.tensor([out[lang] for lang in self.prefixes], dtype=torch.float64)
+            dist.broadcast(values, 0)
+            out = dict(zip(self.prefixes, values.tolist()))
         return out
 
     def _record(self, trainer, losses: dict[str, float]) -> dict:

@@ -89,6 +89,7 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
     """Run the composed NeMo recipe (llm.finetune, built by NeMo-Run), then write its metrics record."""
     from jp_peft.training.early_stopping import fired
     from jp_peft.backends.megatron.language_validation import LanguageValidation
+    from jp_peft.training.ranks import is_rank_zero
     from jp_peft.training.wandb_run import wandb_mode
 
     prepare_process(spec)
@@ -101,7 +102,7 @@ def train(spec: ExperimentSpec, stage: str, recipe) -> StageMetrics:
         raise rundir.MissingRecord(f"{stage}: the NeMo checkpoint to start from, {start_nemo}, is missing or incomplete")
     trainer, model = recipe.keywords["trainer"], recipe.keywords["model"]
     resumed = last_checkpoint(rundir.nemo_checkpoints(spec, stage), missing_ok=True)
-    if resumed is None:  # a fresh start: nothing of an earlier attempt that saved no checkpoint counts
+    if resumed is None and is_rank_zero():  # a fresh start: nothing of an earlier attempt that saved no checkpoint counts
         rundir.train_log(spec, stage).unlink(missing_ok=True)
         rundir.val_baseline(spec, stage).unlink(missing_ok=True)
     started = time.perf_counter()

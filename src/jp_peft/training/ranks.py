@@ -1,0 +1,31 @@
+"""Which process of a multi-rank stage this is, and the one place a stage waits for all of them.
+
+A stage with several ranks (torchrun on GPUs, or gloo ranks on CPU) runs the same code in every process;
+records are written once, by rank 0, after every rank has finished (a rank that failed after rank 0 wrote
+metrics.json would otherwise leave a record that says the stage is done). The rank comes from the
+launcher's environment (torchrun's RANK; Slurm's SLURM_PROCID where srun starts the ranks), so it is
+known before and after torch.distributed is set up.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def global_rank() -> int:
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def is_rank_zero() -> bool:
+    return global_rank() == 0
+
+
+def wait_for_all_ranks() -> None:
+    """A barrier across the stage's ranks, where a process group is up (nothing to wait for otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

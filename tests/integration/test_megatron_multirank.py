@@ -1,0 +1,160 @@
+"""NeMo's real Megatron engine on several gloo ranks (CPU) trains what one process trains.
+
+Each "GPU" of cluster.gpus_per_node is a CPU process that torchrun starts, as the local executor does for a
+multi-rank stage (run/plan.py); the collectives run on gloo. The runs are CPT stages, siblings in the
+Megatron tier's group (conftest.megatron_run), with the same global batch as the one-process reference:
+  data parallel 2 (the distributed optimizer shards its state over the two ranks), tensor parallel 2, and
+  TP2 x DP2 on 4 ranks (slow: 4 processes on 2 cores);
+  a CPT stopped at TP2 after a checkpoint and resumed in one process (the torch_dist checkpoint loaded with
+  another layout), and a DP2 one resumed at TP2 (slow).
+Equal within TOLERANCE (relative) in every training and validation loss, and the PEFT adapters NeMo's
+exporter writes from each run's last checkpoint within ADAPTER_TOLERANCE. LoRA dropout is 0 here: with
+dropout each rank draws masks for its own micro batches, so layouts are equal in distribution, not per step.
+What still differs is the order of floating-point sums: gradients all-reduced over DP ranks, partial matmul
+outputs all-reduced over TP ranks, the vocabulary-parallel cross entropy. Every record (train_log.jsonl,
+metrics.json) is written once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from megatron_tier import export_adapters, run_in_own_group, train_losses, val_losses
+
+pytestmark = [pytest.mark.megatron_cpu]
+MAX_STEPS, STOP_STEP = 4, 2
+TOLERANCE, ADAPTER_TOLERANCE = 1e-4, 1e-5
+
+# Every rank stops right after the `-last` checkpoint of STOP_STEP is written: a barrier (every rank's shard
+# is on disk), then SIGKILL, as a node failure would; torchrun then ends the stage.
+STOP_AFTER_CHECKPOINT = """
+import os, signal, sys
+import torch.distributed as dist
+from nemo.lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
+from jp_peft.cli import main
+
+save_checkpoint = ModelCheckpoint._save_checkpoint
+
+def then_stop(self, trainer, filepath, *args, **kwargs):
+    save_checkpoint(self, trainer, filepath, *args, **kwargs)
+    name = str(filepath).removesuffix(".ckpt")
+    if name.endswith("-last") and f"-step={int(os.environ['JP_PEFT_TEST_STOP_STEP']) - 1}-" in name:
+        if dist.is_initialized():
+            dist.barrier()
+        print("test hook: checkpoint written, stopping", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ModelCheckpoint._save_checkpoint = then_stop
+if __name__ == "__main__":  # a script here: the checkpoint writer's spawned helpers import it again
+    sys.exit(main(sys.argv[1:]))
+"""
+
+LAYOUTS = {"one": {}, "dp2": {"gpus_per_node": 2}, "tp2": {"gpus_per_node": 2, "tensor_parallel": 2},
+           "tp2dp2": {"gpus_per_node": 4, "tensor_parallel": 2}}
+
+
+def layout_spec(run_dir: Path, name: str, layout: str, tmp: Path) -> Path:
+    spec = json.loads((run_dir / "spec.json").read_text())
+    spec.update(name=name, group=run_dir.name, stages=["cpt"])
+    spec["cpt"]["train"].update(max_steps=MAX_STEPS, warmup_steps=1, val_check_interval=2, ckpt_every_n_steps=2,
+                                limit_val_batches=2)
+    spec["lora"]["dropout"] = 0.0
+    spec["cluster"].update({"gpus_per_node": 1, "tensor_parallel": 1, **LAYOUTS[layout]})
+    path = tmp / f"{name}-{layout}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def run_cpt(spec: Path, env: dict, stop: bool = False):
+    """The stage as the local executor runs it: one process, or torchrun with one process per "GPU"."""
+    ranks = json.loads(spec.read_text())["cluster"]["gpus_per_node"]
+    program = ["-c", STOP_AFTER_CHECKPOINT] if stop else ["-m", "jp_peft.cli"]
+    if ranks > 1:
+        # torchrun runs a script or a module; the hook is a script
+        if stop:
+            hook = spec.with_suffix(".hook.py")
+            hook.write_text(STOP_AFTER_CHECKPOINT)
+            program = [str(hook)]
+        program = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *program]
+    env = {**env, "WANDB_MODE": "disabled", "JP_PEFT_TEST_STOP_STEP": str(STOP_STEP)}
+    return run_in_own_group([sys.executable, *program, "stage", "cpt", "--spec", str(spec)], env)
+
+
+def relative_difference(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def differences(run: Path, reference: Path) -> dict:
+    ref, got = train_losses(reference), train_losses(run)
+    assert sorted(got) == sorted(ref) == list(range(1, MAX_STEPS + 1))  # every step once: rank 0 alone writes
+    ref_val, got_val = val_losses(reference), val_losses(run)
+    assert [row[0] for row in got_val] == [row[0] for row in ref_val] == [0, 2, 4]
+    return {"loss": max(relative_difference(got[s], ref[s]) for s in ref),
+            "val": max(relative_difference(g, r) for gr, rr in zip(got_val, ref_val) for g, r in zip(gr[1:], rr[1:]))}
+
+
+def adapter_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    scale = max(float(v.abs().max()) for v in b.values())
+    return max(float((a[k] - b[k]).abs().max()) for k in a) / scale
+
+
+@pytest.fixture(scope="module")
+def runs(megatron_run, tmp_path_factory):
+    """Trained CPT stages by name, run once each (the reference first)."""
+    run_dir, _, env = megatron_run
+    tmp = tmp_path_factory.mktemp("multirank")
+    done = {}
+
+    def trained(name: str, layout: str) -> Path:
+        if name not in done:
+            proc = run_cpt(layout_spec(run_dir, name, layout, tmp), env)
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+            done[name] = run_dir.parent / name / "cpt"
+        return done[name]
+
+    return run_dir, env, tmp, trained
+
+
+def check_equal(runs, stage_dir: Path, label: str, tmp: Path):
+    _, env, _, trained = runs
+    reference = trained("mrank_one", "one")
+    found = differences(stage_dir, reference)
+    adapters = export_adapters({"reference": reference, label: stage_dir}, tmp / "adapters", env)
+    found["adapter"] = adapter_difference(adapters[label], adapters["reference"])
+    print(f"megatron {label}: relative differences against one process: {json.dumps(found)}")
+    assert found["loss"] <= TOLERANCE and found["val"] <= TOLERANCE, found
+    assert found["adapter"] <= ADAPTER_TOLERANCE, found
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    assert metrics["steps"] == MAX_STEPS
+    assert any(float(v.abs().max()) > 0 for k, v in adapters[label].items() if "lora_B" in k)  # it trained
+    return found, metrics
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", pytest.param("tp2dp2", marks=pytest.mark.slow)])
+def test_layout_equals_one_process(runs, layout, tmp_path):
+    stage_dir = runs[3](f"mrank_{layout}", layout)
+    _, metrics = check_equal(runs, stage_dir, layout, tmp_path)
+    # the model is the same whatever the layout: every rank's parameters counted (NeMo's module is one shard)
+    assert metrics["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("first,then", [("tp2", "one"), pytest.param("dp2", "tp2", marks=pytest.mark.slow)])
+def test_stopped_layout_resumes_resharded(runs, first, then, tmp_path):
+    """A job that comes back with another layout (fewer GPUs, another split) continues the same run."""
+    run_dir, env, tmp, _ = runs
+    name = f"mrank_{first}_then_{then}"
+    stopped = run_cpt(layout_spec(run_dir, name, first, tmp_path), env, stop=True)
+    assert stopped.returncode != 0 and "checkpoint written, stopping" in stopped.stdout, stopped.stdout[-3000:]
+    stage_dir = run_dir.parent / name / "cpt"
+    assert max(train_losses(stage_dir)) == STOP_STEP and not (stage_dir / "metrics.json").exists()
+    resumed = run_cpt(layout_spec(run_dir, name, then, tmp_path), env)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    assert f"-step={STOP_STEP - 1}-" in metrics["resumed_from"], metrics
+    check_equal(runs, stage_dir, f"{first}_then_{then}", tmp_path)
