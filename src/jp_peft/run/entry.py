@@ -101,7 +101,7 @@ def _summary(report: dict) -> dict:
 
 def run_train(exp: ExperimentSpec, stage: str, recipe=None):
     metrics = backend_of(exp).train(exp, stage, recipe)
-    metrics = dataclasses.replace(metrics, spec_fingerprint=fingerprint(exp))
+    metrics = dataclasses.replace(metrics, spec_fingerprint=fingerprint(exp, stage))
     metrics.write(rundir.metrics_file(exp, stage))
     _log(f"{stage}: ja ppl {metrics.base_val_ppl_ja:.2f} -> {metrics.val_ppl_ja:.2f}, "
          f"en ppl {metrics.base_val_ppl_en:.2f} -> {metrics.val_ppl_en:.2f}, {metrics.wall_seconds:.1f} s")

@@ -13,6 +13,9 @@ class HFBackend(Backend):
         if spec.cluster.world_size != 1:
             raise SpecError(f"cluster: the hf backend trains on one device (num_nodes x gpus_per_node = "
                             f"{spec.cluster.world_size}); use --backend megatron for several")
+        if spec.model.quantization is not None:
+            raise SpecError(f"model.quantization: {spec.model.quantization} (QLoRA) is not implemented on the hf backend "
+                            "yet (issue 24, item 2); drop model.quantization")
 
     def train(self, spec, stage, recipe=None):
         from jp_peft.backends.hf.stages import train
