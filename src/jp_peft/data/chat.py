@@ -1,9 +1,12 @@
-"""Instruction records (Alpaca or ChatML `messages`) -> Qwen2.5 ChatML training examples.
+"""Instruction records (Alpaca or ChatML `messages`) -> Qwen2.5 ChatML training examples, and preference
+records (`prompt`, `chosen`, `rejected`) -> ChatML preference pairs.
 
 Each assistant turn becomes one example: `input` is the conversation so far rendered with
 Qwen's template up to `<|im_start|>assistant\n`, `output` is the reply plus `<|im_end|>`.
 Loss is taken on `output` only, so every assistant token is trained once and no user or
 system token ever is. This is the input/output JSONL that NeMo's FineTuningDataModule reads.
+A preference pair is rendered the same way: `prompt` up to `<|im_start|>assistant\n`, `chosen` and
+`rejected` each a reply plus `<|im_end|>` (TRL's DPOTrainer reads these three strings).
 """
 
 from __future__ import annotations
@@ -48,22 +51,64 @@ def alpaca_to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def chatml_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    messages = record.get("messages")
-    if messages is None or messages == []:
-        raise RecordError("missing_field", "'messages' missing or empty")
-    if not isinstance(messages, list):
-        raise RecordError("wrong_type", f"'messages' is {_json_type(messages)}, not a list")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise RecordError("wrong_type", f"messages[{i}] is {_json_type(msg)}, not an object")
-        role = require_string(msg.get("role"), f"messages[{i}].role")
-        if role not in ROLES:
-            raise RecordError("missing_field", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
-        out.append({"role": role, "content": require_string(msg.get("content"), f"messages[{i}].content")})
+    out = _message_list(record.get("messages"), "messages")
     if out[-1]["role"] != "assistant":
         raise RecordError("missing_field", "the last message must be the assistant's")
     return out
+
+
+def _message_list(messages: Any, name: str) -> list[dict[str, str]]:
+    """A non-empty list of {role, content} objects, each checked."""
+    if messages is None or messages == []:
+        raise RecordError("missing_field", f"'{name}' missing or empty")
+    if not isinstance(messages, list):
+        raise RecordError("wrong_type", f"'{name}' is {_json_type(messages)}, not a list")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise RecordError("wrong_type", f"{name}[{i}] is {_json_type(msg)}, not an object")
+        role = require_string(msg.get("role"), f"{name}[{i}].role")
+        if role not in ROLES:
+            raise RecordError("missing_field", f"{name}[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": require_string(msg.get("content"), f"{name}[{i}].content")})
+    return out
+
+
+def preference_parts(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen reply, rejected reply) of a preference record. `prompt` is a string (one user
+    turn) or ChatML messages ending with the user's; `chosen`/`rejected` a string or one assistant message."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif prompt is None or isinstance(prompt, list):
+        messages = _message_list(prompt, "prompt")
+        if messages[-1]["role"] != "user":
+            raise RecordError("missing_field", "the last message of 'prompt' must be the user's")
+    else:
+        raise RecordError("wrong_type", f"'prompt' is {_json_type(prompt)}, not a string or a list of messages")
+    return messages, _reply(record.get("chosen"), "chosen"), _reply(record.get("rejected"), "rejected")
+
+
+def _reply(value: Any, name: str) -> str:
+    if isinstance(value, list):
+        messages = _message_list(value, name)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise RecordError("wrong_type", f"'{name}' as messages must be one assistant message")
+        return messages[0]["content"]
+    return require_string(value, name)
+
+
+def preference_example(messages: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, str]:
+    """The prepared pair: the prompt rendered up to the assistant's turn, each reply closed by <|im_end|>."""
+    prompt = "".join(render_turn(m["role"], m["content"]) for m in messages) + f"{IM_START}assistant\n"
+    return {"prompt": prompt, "chosen": chosen + IM_END, "rejected": rejected + IM_END}
+
+
+def example_text(example: dict[str, str]) -> str:
+    """Everything an example's tokens are counted over (an SFT example, or a preference pair)."""
+    if "prompt" in example:
+        return example["prompt"] + example["chosen"] + example["rejected"]
+    return example["input"] + example["output"]
 
 
 def control_token_pattern(special_tokens=()) -> re.Pattern:

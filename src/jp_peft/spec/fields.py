@@ -311,8 +311,12 @@ class PreferenceDataSpec:
 
     # the prepared training pairs (JSONL: prompt, chosen, rejected)
     train: str | None = None
+    # raw preference JSONL the data stage prepares into `train` (jp-peft data prepare --format preference)
+    train_source: tuple[str, ...] = ()
     # the prepared validation pairs: reward accuracy and margin at every validation
     validation: str | None = None
+    # raw preference JSONL the data stage prepares into `validation`
+    validation_source: tuple[str, ...] = ()
     # held-out Japanese indexed-dataset prefix (the perplexity before and after)
     val_ja: str | None = None
     # raw text the data stage prepares into val_ja
@@ -325,7 +329,7 @@ class PreferenceDataSpec:
     seq_length: int = 1024
 
     def __post_init__(self):
-        for name in ("val_ja_source", "val_en_source"):
+        for name in ("train_source", "validation_source", "val_ja_source", "val_en_source"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _require(self.seq_length >= 8, "data.seq_length", f"must be >= 8, got {self.seq_length}")
 
@@ -545,12 +549,14 @@ class ExperimentSpec:
                         check_sources(field_name + ".source", entry.source)
             if stage_name in trained_with(PREFERENCE):
                 for name in ("train", "validation"):
-                    path = getattr(data, name)
+                    path, sources = getattr(data, name), getattr(data, f"{name}_source")
                     field_name = f"{stage_name}.data.{name}"
                     _require(path is not None, field_name, f"the {stage_name} stage needs a {name} file of preference "
                              "pairs (prompt, chosen, rejected JSONL)")
-                    _require(Path(path).is_file(), field_name, f"{path} not found; write it with `jp-peft data prepare "
-                             "--format preference`")
+                    if not Path(path).is_file():
+                        _require(bool(sources), field_name, f"{path} not found and no {name}_source; write it with "
+                                 "`jp-peft data prepare --format preference`")
+                        check_sources(f"{field_name}_source", sources)
             if stage_name in trained_with(CHAT):
                 _require(data.sft_train is not None, f"{stage_name}.data.sft_train",
                          f"the {stage_name} stage needs a training file")

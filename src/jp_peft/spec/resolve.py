@@ -203,7 +203,7 @@ def _absolute_data_paths(values: dict, cwd: Path) -> None:
         for key in ("sft_train", "sft_val", "val_ja", "val_en", "train", "validation"):  # train, validation: dpo
             if isinstance(data.get(key), str):
                 data[key] = fix(data[key])
-        for key in ("sft_source", "val_ja_source", "val_en_source"):
+        for key in ("sft_source", "val_ja_source", "val_en_source", "train_source", "validation_source"):
             if data.get(key):
                 data[key] = [fix(p) for p in data[key]]
         for entry in data.get("blend", []) or []:

@@ -6,6 +6,7 @@ from jp_peft.records import layout as rundir
 from jp_peft.records.export_record import ExportRecord
 from jp_peft.records.metrics import StageMetrics, read_stage_metrics
 from jp_peft.spec import ExperimentSpec
+from jp_peft.spec.stages import PREFERENCE, stage as stage_row
 
 
 def train(spec: ExperimentSpec, stage: str) -> StageMetrics:
@@ -24,7 +25,13 @@ def train(spec: ExperimentSpec, stage: str) -> StageMetrics:
     shape = "all parameters" if method == "full" else f"LoRA r={spec.lora.rank} alpha={spec.lora.alpha}" + (
         " + embeddings/output layer" if method == "lora_embed" else "")
     print(f"[jp-peft] {stage}: {method} ({shape}) on {base}", flush=True)
-    logger = wandb_logger(spec, stage, resuming=rundir.trainer_last_checkpoint(spec, stage).exists())
+    if stage_row(stage).data_kind == PREFERENCE:  # TRL's DPOTrainer (a Hugging Face Trainer), not Lightning
+        from jp_peft.backends.hf.dpo import last_checkpoint, train_dpo_stage as train_stage
+
+        resuming = last_checkpoint(rundir.trainer_checkpoints(spec, stage)) is not None
+    else:
+        resuming = rundir.trainer_last_checkpoint(spec, stage).exists()
+    logger = wandb_logger(spec, stage, resuming=resuming)
     metrics, model, tokenizer = train_stage(spec, stage, base, [logger] if logger else [])
     written = hf_methods.export(model, tokenizer, base, rundir.hf_adapter(spec, stage), rundir.hf_merged(spec, stage))
     with torch.no_grad():
