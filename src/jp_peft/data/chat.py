@@ -11,6 +11,7 @@ A preference pair is rendered the same way: `prompt` up to `<|im_start|>assistan
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -137,3 +138,36 @@ def to_examples(messages: list[dict[str, str]]) -> list[dict[str, str]]:
             examples.append({"input": history + f"{IM_START}assistant\n", "output": msg["content"] + IM_END})
         history += render_turn(msg["role"], msg["content"])
     return examples
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class PairsError(ValueError):
+    """A prepared preference file has a line that is not a pair; the message names file:line."""
+
+
+def load_pairs(path: str, limit: int | None = None) -> list[dict[str, str]]:
+    """The prepared pairs of a file (`jp-peft data prepare --format preference` writes them), each checked:
+    what the dpo stage trains on, and what the hf backend checks at plan time."""
+    pairs = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PairsError(f"{path}:{line_no}: not JSON ({exc.msg}); prepare it with `jp-peft data prepare "
+                                 "--format preference`") from None
+            bad = [k for k in PAIR_FIELDS if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
+            if bad:
+                raise PairsError(f"{path}:{line_no}: {', '.join(bad)} missing or not a string (a prepared pair has "
+                                 "prompt, chosen and rejected strings); prepare it with `jp-peft data prepare "
+                                 "--format preference`")
+            pairs.append({k: row[k] for k in PAIR_FIELDS})
+            if limit is not None and len(pairs) >= limit:
+                break
+    if not pairs:
+        raise PairsError(f"{path}: no preference pairs; prepare it with `jp-peft data prepare --format preference`")
+    return pairs

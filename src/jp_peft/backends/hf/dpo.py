@@ -27,6 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from jp_peft.backends.hf import methods as hf_methods
+from jp_peft.data.chat import load_pairs
 from jp_peft.data.blocks import EvalBlocks
 from jp_peft.records import layout as rundir
 from jp_peft.records.metrics import (CONSUMED_TOKENS, LANGUAGES, REWARD_ACCURACY, REWARD_MARGIN, STEP, STEP_TIME,
@@ -36,38 +37,6 @@ from jp_peft.records.progress import progress_line
 from jp_peft.spec import ExperimentSpec
 from jp_peft.training.interrupt import StageInterrupted
 from jp_peft.training.step_metrics import peak_memory_mb, truncate_log
-
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
-
-
-class PairsError(ValueError):
-    """A prepared preference file has a line that is not a pair; the message names file:line."""
-
-
-def load_pairs(path: str, limit: int | None = None) -> list[dict[str, str]]:
-    """The prepared pairs of a file (`jp-peft data prepare --format preference`), each checked."""
-    pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PairsError(f"{path}:{line_no}: not JSON ({exc.msg}); prepare it with `jp-peft data prepare "
-                                 "--format preference`") from None
-            bad = [k for k in PAIR_FIELDS if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
-            if bad:
-                raise PairsError(f"{path}:{line_no}: {', '.join(bad)} missing or not a string (a prepared pair has "
-                                 "prompt, chosen, rejected strings); prepare it with `jp-peft data prepare --format "
-                                 "preference`")
-            pairs.append({k: row[k] for k in PAIR_FIELDS})
-            if limit is not None and len(pairs) >= limit:
-                break
-    if not pairs:
-        raise PairsError(f"{path}: no preference pairs")
-    return pairs
-
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
     """The newest complete Trainer checkpoint (checkpoint-N/ with its trainer_state.json), or None."""
