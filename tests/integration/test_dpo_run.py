@@ -186,3 +186,11 @@ def test_ctrl_c_then_the_same_command_resumes_to_the_uninterrupted_result(dpo_ru
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert (mine[name] - theirs[name]).abs().max() <= 1e-6, name
+
+
+def test_compare_shows_the_reward_accuracy_of_the_dpo_run(dpo_run, tmp_path):
+    out = dpo_run[0]
+    _cli("compare", str(out), str(out.parent / "smoke"), "--output", str(tmp_path))
+    table = (tmp_path / "compare.md").read_text()
+    header, _, dpo_row, smoke_row = table.splitlines()[:4]
+    assert "reward_acc" in header and " -> " in dpo_row and "n/a" in smoke_row.split("|")[-2]
