@@ -7,7 +7,7 @@
     OUTPUT_DIR/NAME/.jp-peft.lock                    held by the launch using the run (also in GROUP/)
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/metrics.json       the stage's metrics record (jp_peft.records.metrics)
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/train_log.jsonl    per-step and per-validation rows
-    OUTPUT_DIR/NAME/{cpt,sft,dpo}/val_baseline.json  the starting model's held-out losses (Megatron)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/val_baseline.json  the starting model's held-out losses (Megatron, dpo)
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/checkpoints/       trainer checkpoints (resume; dpo: the HF Trainer's checkpoint-N/)
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/nemo/              NeMo's log directory, checkpoints/ inside
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/hf_adapter/        PEFT adapter (methods lora, lora_embed; none under full)
