@@ -59,17 +59,22 @@ def test_the_hf_backend_plans_dpo_and_megatron_composes_no_dpo_recipe(tmp_path):
     ("dpo.method=full", "dpo.method: 'full' is not one of lora"),
     ("dpo.data.trian=x.jsonl", "dpo.data.trian: unknown field; did you mean 'train'"),
     ("model.quantization=int8", "model.quantization: 'int8' is not one of null, nf4"),
+    ("model.quantization_compute_dtype=float16", "model.quantization_compute_dtype: only with model.quantization"),
+    ("model.quantization=nf4 cpt.method=full", "cpt.method: model.quantization nf4 trains LoRA on a frozen 4-bit base"),
 ])
 def test_dpo_fields_refuse_bad_values_naming_the_field(tmp_path, override, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(")):
-        _spec(tmp_path, WITH_DPO, override)
+        _spec(tmp_path, WITH_DPO, *override.split())
 
 
 @pytest.mark.unit
 def test_missing_preference_files_are_named_before_launch(tmp_path):
-    spec = _spec(tmp_path, WITH_DPO, f"dpo.data.train={tmp_path}/none.jsonl")
-    with pytest.raises(SpecError, match=r"dpo.data.train: .*none.jsonl not found; write it with `jp-peft data prepare "
-                                        r"--format preference`"):
+    spec = _spec(tmp_path, WITH_DPO, f"dpo.data.train={tmp_path}/none.jsonl", "dpo.data.train_source=[]")
+    with pytest.raises(SpecError, match=r"dpo.data.train: .*none.jsonl not found and no train_source; write it with "
+                                        r"`jp-peft data prepare --format preference`"):
+        spec.check_data_files()
+    spec = _spec(tmp_path, WITH_DPO, f"dpo.data.train={tmp_path}/none.jsonl", f"dpo.data.train_source=[{tmp_path}/x]")
+    with pytest.raises(SpecError, match=r"dpo.data.train_source: source file .*x does not exist"):
         spec.check_data_files()
 
 

@@ -23,7 +23,7 @@ NOT_COMPARED = ("stages", "wandb")
 EVAL_ONLY = tuple(section for row in TABLE for section in row.fingerprint_sections)
 # Fields added after runs existed, left out while they hold their default: a run directory written
 # before them keeps its fingerprints (and resumes) as long as the spec does not use them.
-LATER_FIELDS = {("model", "quantization"): None}
+LATER_FIELDS = {("model", "quantization"): None, ("model", "quantization_compute_dtype"): None}
 
 
 def comparable(spec_dict: dict[str, Any], stage: str | None = None) -> dict[str, Any]:

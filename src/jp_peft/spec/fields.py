@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jp_peft.spec.stages import (BACKEND_NAMES, BLEND, CHAT, DEFAULT_STAGES, EXPORT, PREFERENCE, STAGES,
-                                 TRAINED_STAGES, refusal, single_stage, trained_with)
+                                 TRAINED_STAGES, refusal, single_stage, stage as stage_row, trained_with)
 
 # Hugging Face names of Qwen2's seven linear projections (the spec speaks these names;
 # the Megatron backend translates them, see jp_peft.backends.megatron.lora_mapping).
@@ -31,6 +31,7 @@ METHODS = ("lora", "lora_embed", "full")
 # The base model's weights as a trained stage loads them: None (the checkpoint's dtype) or nf4 (QLoRA:
 # bitsandbytes 4-bit NormalFloat with double quantization, LoRA trained on top).
 QUANTIZATIONS = (None, "nf4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # TRL's DPO losses the dpo stage offers (trl 0.29 DPOConfig.loss_type): sigmoid is the DPO paper's.
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down")
@@ -59,13 +60,20 @@ class ModelSpec:
     tiny: bool = False
     # NeMo model config class in nemo.collections.llm for the Megatron backend.
     nemo_config: str = "Qwen25Config500M"
-    # null: the weights as the checkpoint has them; nf4: QLoRA (the base in 4-bit NF4; hf backend only)
+    # null: the weights as the checkpoint has them; nf4: QLoRA (the base frozen in 4-bit NormalFloat with double
+    # quantization, LoRA trained on top; hf backend, method lora)
     quantization: str | None = None
+    # what the 4-bit layers compute in: float32, bfloat16 or float16; null: bfloat16 where the GPU has it, else float32
+    quantization_compute_dtype: str | None = None
 
     def __post_init__(self):
         _require(bool(self.name), "model.name", "must not be empty")
         _require(self.quantization in QUANTIZATIONS, "model.quantization",
                  f"{self.quantization!r} is not one of null, {', '.join(q for q in QUANTIZATIONS if q)}")
+        _require(self.quantization_compute_dtype in (None, *COMPUTE_DTYPES), "model.quantization_compute_dtype",
+                 f"{self.quantization_compute_dtype!r} is not one of null, {', '.join(COMPUTE_DTYPES)}")
+        _require(self.quantization_compute_dtype is None or self.quantization is not None,
+                 "model.quantization_compute_dtype", "only with model.quantization (nf4)")
 
 
 @dataclass(frozen=True)
@@ -461,11 +469,18 @@ class ExperimentSpec:
             why = refusal(stage, self.backend)
             _require(why is None, "stages", str(why))
         for stage_name in TRAINED_STAGES:
+            if stage_row(stage_name).optional and stage_name not in self.stages:
+                continue  # an optional stage's section is checked when the run has it (a preset may size it for one GPU)
             train = getattr(self, stage_name).train
             per_step = train.micro_batch_size * self.cluster.data_parallel_size
             _require(train.global_batch_size % per_step == 0, f"{stage_name}.train.global_batch_size",
                      f"{train.global_batch_size} is not divisible by micro_batch_size x data_parallel_size "
                      f"= {train.micro_batch_size} x {self.cluster.data_parallel_size}")
+        for stage_name in self.trained_stages if self.model.quantization else ():
+            method = self.stage(stage_name).method
+            _require(method == "lora", f"{stage_name}.method", f"model.quantization {self.model.quantization} trains LoRA "
+                     f"on a frozen 4-bit base; {method} trains the base's own weights: use method lora, or drop "
+                     "model.quantization")
         for stage_name in trained_with(BLEND):
             if stage_name in self.stages:
                 _require(len(self.stage(stage_name).data.blend) > 0, f"{stage_name}.data.blend",

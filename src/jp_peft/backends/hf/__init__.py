@@ -15,8 +15,11 @@ class HFBackend(Backend):
                             f"{spec.cluster.world_size}); use --backend megatron for several")
         self.check_preference_files(spec)
         if spec.model.quantization is not None:
-            raise SpecError(f"model.quantization: {spec.model.quantization} (QLoRA) is not implemented on the hf backend "
-                            "yet (issue 24, item 2); drop model.quantization")
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise SpecError(f"model.quantization: {spec.model.quantization} needs bitsandbytes, which is not installed "
+                                "(pip install 'bitsandbytes==0.50.2', or rerun scripts/setup.sh); or drop model.quantization")
 
     def train(self, spec, stage, recipe=None):
         from jp_peft.backends.hf.stages import train

@@ -198,7 +198,7 @@ def dpo_config(spec: ExperimentSpec, stage: str, output_dir: Path, precision: st
 def train_dpo_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
     """Train the dpo stage; returns (StageMetrics, the trained PeftModel, the tokenizer)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import DPOTrainer
 
     from jp_peft.backends.hf.trainer import resolve_precision
@@ -213,7 +213,7 @@ def train_dpo_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: li
     val_sets = {lang: EvalBlocks(getattr(data, f"val_{lang}"), data.seq_length,
                                  train.limit_val_batches * train.micro_batch_size) for lang in LANGUAGES}
     precision = resolve_precision(train.precision)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = hf_methods.load_base(base_dir, torch.float32, spec.model)  # 4-bit under model.quantization (QLoRA)
 
     ckpt_dir, train_log = rundir.trainer_checkpoints(spec, stage), rundir.train_log(spec, stage)
     resume_from = last_checkpoint(ckpt_dir)
@@ -250,6 +250,8 @@ def train_dpo_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: li
              "reward_margin_before": first[REWARD_MARGIN], "reward_margin_after": last[REWARD_MARGIN],
              "beta": stage_spec.beta, "loss_type": stage_spec.loss_type, "train_pairs": len(train_pairs),
              "validation_pairs": len(val_pairs)}
+    if spec.model.quantization:  # what the stage trained on (the export's parity figure is against this)
+        extra["quantization"] = hf_methods.quantization_record(spec.model)
     metrics = StageMetrics.from_train_log(
         train_log, stage=stage, backend="hf", steps=trainer.state.global_step, base_model=base_dir,
         base_val_loss_ja=base_val["ja"], base_val_loss_en=base_val["en"], val_loss_ja=final["ja"],
