@@ -89,3 +89,16 @@ def test_the_dpo_section_counts_only_for_dpo_its_export_and_eval(tmp_path):
     for stage in ("dpo", "export", "eval"):
         assert fingerprint(with_dpo, stage) != fingerprint(other_beta, stage)
     assert fingerprint(_spec(tmp_path, "model.quantization=nf4"), "cpt") != fingerprint(plain, "cpt")
+
+
+@pytest.mark.unit
+def test_the_hf_backend_reads_prepared_pairs_at_plan_time_naming_file_and_line(tmp_path):
+    from jp_peft.backends import backend_of
+
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    bad.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "rejected": "r"}\n')
+    spec = _spec(tmp_path, WITH_DPO, f"dpo.data.train={bad}", f"dpo.data.validation={good}")
+    with pytest.raises(SpecError, match=rf"dpo.data.train: {bad}:2: chosen missing or not a string"):
+        backend_of(spec).validate(spec)
+    backend_of(spec).validate(_spec(tmp_path, WITH_DPO, f"dpo.data.train={good}", f"dpo.data.validation={good}"))
