@@ -50,13 +50,35 @@ def _spec(run_dir: Path, name: str, tmp: Path, pairs: dict[str, Path], *override
         f"output_dir={run_dir.parent}", f"name={name}", "group=smoke", "stages=[sft,dpo,export,eval]",
         f"dpo.data.train={pairs['train']}", f"dpo.data.validation={pairs['validation']}", *DPO_OVERRIDES,
         "eval.tasks_ja=[jpeft_jcqa]", "eval.tasks_en=[]", "eval.limit=4", "eval.generation=false", *overrides])
-    for item in ("hf_merged", "export.json", "metrics.json"):  # the smoke run's SFT result, as this run's sft
+    for item in ("hf_merged", "hf_adapter", "export.json", "metrics.json"):  # the smoke run's SFT, as this run's
         source, target = run_dir / "sft" / item, spec.run_dir / "sft" / item
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    record = spec.run_dir / "sft" / "export.json"  # its artifacts here: the eval stage rewrites their cards
+    record.write_text(record.read_text().replace(str(run_dir / "sft"), str(spec.run_dir / "sft")))
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(spec.to_dict()))
+    shutil.copy(path, spec.run_dir / "spec.json")  # what the experiment script writes (compare reads it)
     return path
+
+
+def _held_out_loss(model_dir: Path, prefix: str, seq: int, blocks: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jp_peft.data.blocks import EvalBlocks
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    data = EvalBlocks(prefix, seq, blocks)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            logits = model(input_ids=item["input_ids"][None]).logits[0]
+            n = int((item["labels"] != -100).sum())
+            total += float(torch.nn.functional.cross_entropy(logits, item["labels"], ignore_index=-100)) * n
+            count += n
+    return total / count
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +105,12 @@ def test_dpo_raises_validation_reward_accuracy_above_its_step_0_value(dpo_run):
     assert all({"val/dpo_reward_accuracy", "val/dpo_reward_margin", "val/ja_loss", "val/en_loss"} <= set(r)
                for r in metrics["val_history"])
     assert metrics["steps"] == 8 and metrics["tokens_per_second"] > 0 and metrics["method"] == "lora"
-    # it started from the SFT model: its own "before" perplexity is SFT's "after" one
-    sft = json.loads((out / "sft" / "metrics.json").read_text())
+    # it started from the SFT model: its "before" losses are the SFT model's on the same held-out blocks
     assert metrics["base_model"] == str((out / "sft" / "hf_merged").resolve())
-    assert metrics["base_val_loss_ja"] == pytest.approx(sft["val_loss_ja"], rel=1e-4)
+    spec = json.loads((out / "spec.json").read_text())["dpo"]
+    assert metrics["base_val_loss_ja"] == pytest.approx(
+        _held_out_loss(out / "sft" / "hf_merged", spec["data"]["val_ja"], spec["data"]["seq_length"],
+                       spec["train"]["limit_val_batches"] * spec["train"]["micro_batch_size"]), rel=1e-5)
     rows = [json.loads(line) for line in (out / "dpo" / "train_log.jsonl").read_text().splitlines()]
     assert [r["trainer/global_step"] for r in rows if "train/loss" in r] == list(range(1, 9))
     assert "[jp-peft] dpo step 8/8 loss" in stdout and "reward accuracy" in stdout

@@ -4,7 +4,8 @@ The policy is that model (SFT's merged model, stage table: starts_from) with a n
 shape; the reference is the same model with the adapter off (TRL's PEFT path: no second copy in memory).
 What every trained stage has, the dpo stage has too, through the Hugging Face Trainer that TRL runs:
 train_log.jsonl rows with the keys of records/metrics.py and the progress line of records/progress.py, the
-W&B run identity (training/wandb_run: the same WandbLogger, stepped on trainer/global_step), a stop on
+W&B run identity (training/wandb_run: the same WandbLogger, stepped on trainer/global_step), each step's
+dropout seeded by (seed, step) as training/step_seed does, a stop on
 SIGTERM/SIGUSR1/SIGINT that saves a checkpoint and raises StageInterrupted, resume from the newest
 checkpoint in STAGE/checkpoints/, and the JA/EN held-out losses before and after. At every validation TRL
 measures the implicit reward of chosen and rejected on the validation pairs: its accuracy (chosen above
@@ -172,6 +173,20 @@ class StopOnSignal(TrainerCallback):
             signal.signal(sig, handler)
 
 
+class StepSeedEachStep(TrainerCallback):
+    """Each optimizer step's random draws (LoRA dropout) from torch's generator seeded by (seed, step), as
+    training/step_seed.StepSeed does for the Lightning stages: a resumed stage draws what the uninterrupted
+    one drew, whatever the dataloaders and validations drew in between."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        from jp_peft.training.step_seed import step_seed
+
+        torch.manual_seed(step_seed(self.seed, 0, state.global_step))
+
+
 def dpo_config(spec: ExperimentSpec, stage: str, output_dir: Path, precision: str):
     """TRL's DPOConfig from the stage's spec: the same optimiser, schedule, batch and checkpoint cadence."""
     from trl import DPOConfig
@@ -198,7 +213,7 @@ def dpo_config(spec: ExperimentSpec, stage: str, output_dir: Path, precision: st
 def train_dpo_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
     """Train the dpo stage; returns (StageMetrics, the trained PeftModel, the tokenizer)."""
     from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback
+    from transformers import AutoTokenizer, PrinterCallback, set_seed
     from trl import DPOTrainer
 
     from jp_peft.backends.hf.trainer import resolve_precision
@@ -227,9 +242,11 @@ def train_dpo_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: li
     records = StageRecords(stage, train_log, loggers, train.global_batch_size, val_sets, train.micro_batch_size,
                            base_val)
     stop = StopOnSignal()
+    set_seed(train.seed)  # DPOTrainer adds the LoRA adapter (its random A) before the Trainer seeds anything
     trainer = DPOTrainer(model=model, args=dpo_config(spec, stage, ckpt_dir, precision), train_dataset=train_pairs,
                          eval_dataset=val_pairs, processing_class=tokenizer,
-                         peft_config=hf_methods.lora_config(spec.lora), callbacks=[records, stop])
+                         peft_config=hf_methods.lora_config(spec.lora),
+                         callbacks=[records, stop, StepSeedEachStep(train.seed)])
     trainer.remove_callback(PrinterCallback)  # our progress lines instead of the Trainer's printed log dicts
     trainable, total = hf_methods.count_params(trainer.model)
     for logger in loggers:
