@@ -21,6 +21,7 @@ def _stage(spec: Path, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # ~2 min on 2 busy cores: `make test-all` runs it
 def test_qlora_cpt_trains_on_a_4bit_base_and_exports_a_full_precision_merge(smoke_run, tmp_path):
     run_dir = smoke_run[0]
     spec = resolve_spec(load_preset("smoke"), [
