@@ -123,6 +123,13 @@ def summary_rows(runs: list[dict], diff_keys: list[str]) -> list[dict[str, Any]]
         scores = (run["downstream"] or {}).get("models", {}).get(last_stage, {})
         row.update({column: scores.get(key) for column, key in DOWNSTREAM_COLUMNS.items()})
         rows.append(row)
+    # a preference stage's validation reward accuracy, before -> after (a column only when a run has one)
+    rewards = [next((f"{e['reward_accuracy_before']:.3f} -> {e['reward_accuracy_after']:.3f}"
+                     for s in reversed(list(run["stages"].values()))
+                     if "reward_accuracy_after" in (e := s["metrics"].get("extra") or {})), None) for run in runs]
+    if any(rewards):
+        for row, reward in zip(rows, rewards):
+            row["reward_acc"] = reward
     return rows
 
 

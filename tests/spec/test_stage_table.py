@@ -15,17 +15,21 @@ pytestmark = pytest.mark.unit
 
 
 def test_the_table_is_consistent():
-    assert table.STAGES == ("import", "data", "cpt", "sft", "export", "eval")
-    assert table.SHARED_STAGES == ("import", "data") and table.TRAINED_STAGES == ("cpt", "sft")
+    assert table.STAGES == ("import", "data", "cpt", "sft", "dpo", "export", "eval")
+    assert table.DEFAULT_STAGES == ("import", "data", "cpt", "sft", "export", "eval")  # dpo: only when named
+    assert table.SHARED_STAGES == ("import", "data") and table.TRAINED_STAGES == ("cpt", "sft", "dpo")
     order = {name: i for i, name in enumerate(table.STAGES)}
     for row in table.TABLE:
         if row.kind == table.TRAIN:
-            assert row.section == row.name and row.data_kind in (table.BLEND, table.CHAT), row
+            assert row.section == row.name and row.data_kind in (table.BLEND, table.CHAT, table.PREFERENCE), row
+            assert row.what, row  # the model cards say what the stage did
         for earlier in row.starts_from:  # a stage starts from trained stages that run before it
             assert table.is_trained(earlier) and order[earlier] < order[row.name], row
         assert set(row.backends) <= set(BACKENDS), row
-    with pytest.raises(ValueError, match="unknown stage 'dpo'; the stages are import, data, cpt"):
-        table.stage("dpo")
+        for backend, _ in row.refused:  # a reason is given only for a backend the row leaves out
+            assert backend not in row.backends, row
+    with pytest.raises(ValueError, match="unknown stage 'ppo'; the stages are import, data, cpt"):
+        table.stage("ppo")
 
 
 def test_what_a_trained_stage_starts_from_follows_the_run():

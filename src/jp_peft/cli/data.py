@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                            "is not valid UTF-8), counts to PREFIX.report.json (read = kept + rejected). "
                            "text -> PREFIX_text_document.bin/.idx (Megatron indexed dataset, EOS appended); "
                            "alpaca/chatml -> PREFIX/training.jsonl, PREFIX/validation.jsonl (Qwen ChatML "
-                           "input/output, loss on assistant tokens). No output may be an input. Exit status: "
+                           "input/output, loss on assistant tokens); preference -> the same files of ChatML "
+                           "prompt/chosen/rejected pairs. No output may be an input. Exit status: "
                            "0 done; 1 --strict stopped at a reject, nothing was kept, or a worker died; 2 a bad "
                            "argument, tokenizer or unreadable input (nothing written); 143 SIGTERM (temporary "
                            "files removed). The work runs as datatrove stages over --tasks shards, on this "
@@ -22,7 +23,9 @@ def add_parser(sub) -> None:
                            "finished shards kept in its work directory. See data/README.md.")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH",
                       help="JSONL, plain text (blank-line separated documents), or gzip of either")
-    prep.add_argument("--format", choices=("text", "alpaca", "chatml"), default="text")
+    prep.add_argument("--format", choices=("text", "alpaca", "chatml", "preference"), default="text",
+                      help="preference: prompt/chosen/rejected JSONL (strings or ChatML messages) -> "
+                      "PREFIX/training.jsonl, PREFIX/validation.jsonl of ChatML pairs (the dpo stage's data)")
     prep.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory or hub id")
     prep.add_argument("--output-prefix", required=True)
     prep.add_argument("--workers", type=int, default=1, help="--executor local: tasks run at once, one process each "

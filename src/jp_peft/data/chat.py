@@ -1,13 +1,17 @@
-"""Instruction records (Alpaca or ChatML `messages`) -> Qwen2.5 ChatML training examples.
+"""Instruction records (Alpaca or ChatML `messages`) -> Qwen2.5 ChatML training examples, and preference
+records (`prompt`, `chosen`, `rejected`) -> ChatML preference pairs.
 
 Each assistant turn becomes one example: `input` is the conversation so far rendered with
 Qwen's template up to `<|im_start|>assistant\n`, `output` is the reply plus `<|im_end|>`.
 Loss is taken on `output` only, so every assistant token is trained once and no user or
 system token ever is. This is the input/output JSONL that NeMo's FineTuningDataModule reads.
+A preference pair is rendered the same way: `prompt` up to `<|im_start|>assistant\n`, `chosen` and
+`rejected` each a reply plus `<|im_end|>` (TRL's DPOTrainer reads these three strings).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -48,22 +52,64 @@ def alpaca_to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def chatml_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    messages = record.get("messages")
-    if messages is None or messages == []:
-        raise RecordError("missing_field", "'messages' missing or empty")
-    if not isinstance(messages, list):
-        raise RecordError("wrong_type", f"'messages' is {_json_type(messages)}, not a list")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise RecordError("wrong_type", f"messages[{i}] is {_json_type(msg)}, not an object")
-        role = require_string(msg.get("role"), f"messages[{i}].role")
-        if role not in ROLES:
-            raise RecordError("missing_field", f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
-        out.append({"role": role, "content": require_string(msg.get("content"), f"messages[{i}].content")})
+    out = _message_list(record.get("messages"), "messages")
     if out[-1]["role"] != "assistant":
         raise RecordError("missing_field", "the last message must be the assistant's")
     return out
+
+
+def _message_list(messages: Any, name: str) -> list[dict[str, str]]:
+    """A non-empty list of {role, content} objects, each checked."""
+    if messages is None or messages == []:
+        raise RecordError("missing_field", f"'{name}' missing or empty")
+    if not isinstance(messages, list):
+        raise RecordError("wrong_type", f"'{name}' is {_json_type(messages)}, not a list")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise RecordError("wrong_type", f"{name}[{i}] is {_json_type(msg)}, not an object")
+        role = require_string(msg.get("role"), f"{name}[{i}].role")
+        if role not in ROLES:
+            raise RecordError("missing_field", f"{name}[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": require_string(msg.get("content"), f"{name}[{i}].content")})
+    return out
+
+
+def preference_parts(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen reply, rejected reply) of a preference record. `prompt` is a string (one user
+    turn) or ChatML messages ending with the user's; `chosen`/`rejected` a string or one assistant message."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif prompt is None or isinstance(prompt, list):
+        messages = _message_list(prompt, "prompt")
+        if messages[-1]["role"] != "user":
+            raise RecordError("missing_field", "the last message of 'prompt' must be the user's")
+    else:
+        raise RecordError("wrong_type", f"'prompt' is {_json_type(prompt)}, not a string or a list of messages")
+    return messages, _reply(record.get("chosen"), "chosen"), _reply(record.get("rejected"), "rejected")
+
+
+def _reply(value: Any, name: str) -> str:
+    if isinstance(value, list):
+        messages = _message_list(value, name)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise RecordError("wrong_type", f"'{name}' as messages must be one assistant message")
+        return messages[0]["content"]
+    return require_string(value, name)
+
+
+def preference_example(messages: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, str]:
+    """The prepared pair: the prompt rendered up to the assistant's turn, each reply closed by <|im_end|>."""
+    prompt = "".join(render_turn(m["role"], m["content"]) for m in messages) + f"{IM_START}assistant\n"
+    return {"prompt": prompt, "chosen": chosen + IM_END, "rejected": rejected + IM_END}
+
+
+def example_text(example: dict[str, str]) -> str:
+    """Everything an example's tokens are counted over (an SFT example, or a preference pair)."""
+    if "prompt" in example:
+        return example["prompt"] + example["chosen"] + example["rejected"]
+    return example["input"] + example["output"]
 
 
 def control_token_pattern(special_tokens=()) -> re.Pattern:
@@ -92,3 +138,36 @@ def to_examples(messages: list[dict[str, str]]) -> list[dict[str, str]]:
             examples.append({"input": history + f"{IM_START}assistant\n", "output": msg["content"] + IM_END})
         history += render_turn(msg["role"], msg["content"])
     return examples
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class PairsError(ValueError):
+    """A prepared preference file has a line that is not a pair; the message names file:line."""
+
+
+def load_pairs(path: str, limit: int | None = None) -> list[dict[str, str]]:
+    """The prepared pairs of a file (`jp-peft data prepare --format preference` writes them), each checked:
+    what the dpo stage trains on, and what the hf backend checks at plan time."""
+    pairs = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PairsError(f"{path}:{line_no}: not JSON ({exc.msg}); prepare it with `jp-peft data prepare "
+                                 "--format preference`") from None
+            bad = [k for k in PAIR_FIELDS if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
+            if bad:
+                raise PairsError(f"{path}:{line_no}: {', '.join(bad)} missing or not a string (a prepared pair has "
+                                 "prompt, chosen and rejected strings); prepare it with `jp-peft data prepare "
+                                 "--format preference`")
+            pairs.append({k: row[k] for k in PAIR_FIELDS})
+            if limit is not None and len(pairs) >= limit:
+                break
+    if not pairs:
+        raise PairsError(f"{path}: no preference pairs; prepare it with `jp-peft data prepare --format preference`")
+    return pairs

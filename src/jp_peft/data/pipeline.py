@@ -36,7 +36,7 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
 
-from jp_peft.data import prepare as prep
+from jp_peft.data import chat, prepare as prep
 from jp_peft.data.dedup import lsh_bands
 from jp_peft.data.minhash_steps import (BUCKET_READ_BUFFER, DUPLICATE_DTYPE, CharMinhashSignature, VerifiedClusters,
                                         minhash_config)
@@ -398,7 +398,7 @@ class _ShardWriter:
         if self.cfg.format == "text":
             encoded = _encode(self.tok, [record["t"] for record in batch])
         else:
-            texts = [e["input"] + e["output"] for record in batch for e in record["e"]]
+            texts = [chat.example_text(e) for record in batch for e in record["e"]]
             lengths = iter(len(ids) for ids in _encode(self.tok, texts))
         self.seconds += time.perf_counter() - started
         for i, record in enumerate(batch):

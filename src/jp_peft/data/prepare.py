@@ -1,4 +1,4 @@
-"""`jp-peft data prepare`: raw Japanese corpora -> Megatron indexed datasets or SFT JSONL.
+"""`jp-peft data prepare`: raw Japanese corpora -> Megatron indexed datasets, SFT JSONL or preference pairs.
 
 Every record read is either kept or rejected with a reason; rejects go verbatim to
 PREFIX.rejected.jsonl and the counts to PREFIX.report.json, where
@@ -42,6 +42,7 @@ from jp_peft.data.readers import FORMATS, RawRecord, iter_records
 REJECT_REASONS = (
     "invalid_json", "invalid_utf8", "missing_field", "wrong_type", "control_token", "empty_after_cleaning",
     "too_short", "too_long", "not_japanese_enough", "exact_duplicate", "near_duplicate",
+    "identical_pair",  # preference: chosen and rejected are the same text (nothing to prefer)
 )
 CHUNK_RECORDS = 64  # records cleaned per call of _process_chunk
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -261,6 +262,21 @@ def _cleaned_messages(record: dict[str, Any], fmt: str) -> tuple[list[dict[str, 
     return [{"role": m["role"], "content": normalize_text(m["content"])} for m in messages], fields
 
 
+def _cleaned_pair(record: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+    """A preference record's text (what the length, language and duplicate checks see) and its one pair."""
+    messages, chosen, rejected = chat.preference_parts(record)
+    messages = [{"role": m["role"], "content": normalize_text(m["content"])} for m in messages]
+    chosen, rejected = normalize_text(chosen), normalize_text(rejected)
+    texts = {f"prompt[{i}].content": m["content"] for i, m in enumerate(messages)}
+    chat.refuse_control_tokens({**texts, "chosen": chosen, "rejected": rejected}, _WORKER["control"])
+    if any(not m["content"] for m in messages if m["role"] != "system") or not chosen or not rejected:
+        raise chat.RecordError("empty_after_cleaning", "a prompt message, chosen or rejected is empty")
+    if chosen == rejected:
+        raise chat.RecordError("identical_pair", "chosen and rejected are the same text")
+    return "\n".join([*(m["content"] for m in messages), chosen, rejected]), \
+        [chat.preference_example(messages, chosen, rejected)]
+
+
 def _clean_and_filter(raw: RawRecord) -> Processed:
     cfg: PrepareConfig = _WORKER["cfg"]
     out = Processed(raw.source, raw.line, raw.raw, raw.raw_b64, raw.input_pos, raw.input_index)
@@ -272,6 +288,8 @@ def _clean_and_filter(raw: RawRecord) -> Processed:
             value = raw.record.get("text")
             out.text = normalize_text(chat.require_string(value, "text"))
             chat.refuse_control_tokens({"text": out.text}, _WORKER["control"])
+        elif cfg.format == "preference":
+            out.text, out.examples = _cleaned_pair(raw.record)
         else:
             messages, fields = _cleaned_messages(raw.record, cfg.format)
             chat.refuse_control_tokens({f: m["content"] for f, m in zip(fields, messages)}, _WORKER["control"])

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from jp_peft.data.errors import InputFileError
 
-FORMATS = ("text", "alpaca", "chatml")
+FORMATS = ("text", "alpaca", "chatml", "preference")
 UTF8_BOM = b"\xef\xbb\xbf"
 _BACK_CHUNK = 1 << 16
 

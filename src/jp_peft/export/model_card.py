@@ -18,15 +18,13 @@ from jp_peft.records import layout as rundir
 from jp_peft.records.export_record import ExportRecord
 from jp_peft.records.metrics import StageMetrics, read_stage_metrics, relative_forgetting, relative_gain
 from jp_peft.spec import ExperimentSpec
-from jp_peft.spec.stages import BLEND, previous_trained, trained_with
+from jp_peft.spec.stages import BLEND, PREFERENCE, previous_trained, stage as stage_row, trained_with
 
 CARD = "README.md"
 LANGUAGES = ["ja", "en"]
 # Qwen2.5-0.5B is released under Apache-2.0 (its Hub card, Qwen/Qwen2.5-0.5B, says `license: apache-2.0`): the
 # license of a base that carries no card of its own but has Qwen2.5-0.5B's architecture.
 QWEN25_LICENSE = "apache-2.0"
-STAGE_WHAT = {"cpt": "continual pre-training on a Japanese/English blend",
-              "sft": "Japanese instruction tuning (ChatML)"}
 METHOD_WHAT = {"lora": "LoRA", "lora_embed": "LoRA + trainable input embeddings and output layer (PEFT modules_to_save)",
                "full": "full fine-tuning (every parameter)"}
 
@@ -78,10 +76,13 @@ def lineage(spec: ExperimentSpec, stage: str) -> list[str]:
 
 
 def stage_datasets(spec: ExperimentSpec, stage: str) -> list[str]:
-    """What a stage trained on: its blend's sources (an entry without sources: its prefix), or its SFT files."""
+    """What a stage trained on: its blend's sources (an entry without sources: its prefix), its SFT files, or its
+    preference pairs."""
     data = spec.stage(stage).data
     if stage in trained_with(BLEND):
         return [s for entry in data.blend for s in (entry.source or (entry.prefix,))]
+    if stage in trained_with(PREFERENCE):
+        return list(data.train_source) or [data.train]
     return list(data.sft_source) or [data.sft_train]
 
 
@@ -155,7 +156,7 @@ def _body(spec, stage, record, artifact, metrics, results, prepared, license_why
     path = record.hf_adapter if adapter else record.hf_merged
     what = ("PEFT adapter" if adapter else "merged Hugging Face model") + f" of jp-peft's {stage} stage"
     lines = [f"# {data.model_name}", "",
-             f"The {what} ({STAGE_WHAT.get(stage, stage)}) of the run `{spec.name}`, trained with "
+             f"The {what} ({stage_row(stage).what}) of the run `{spec.name}`, trained with "
              f"{METHOD_WHAT[metrics.method]} from `{data.base_model}`.", "",
              *_limitations(spec, metrics), *_training(spec, stage, metrics), *_data(spec, stage, artifact, prepared),
              *_results(metrics, results, stage), *_load(artifact, path, record),
@@ -189,7 +190,7 @@ def _training(spec: ExperimentSpec, stage: str, metrics: StageMetrics) -> list[s
     steps = f"{metrics.steps} of {train.max_steps}"
     if metrics.early_stopped_at_step is not None:
         steps += f" (early stopping: {metrics.stop_reason})"
-    rows = [("method", method), ("stage", f"{stage}: {STAGE_WHAT.get(stage, stage)}"),
+    rows = [("method", method), ("stage", f"{stage}: {stage_row(stage).what}"),
             ("started from", f"`{metrics.base_model}`"), ("backend", metrics.backend), ("steps", steps),
             ("tokens trained", f"{metrics.consumed_tokens:,} ({spec.stage(stage).data.seq_length}-token sequences, "
                                f"global batch {train.global_batch_size})"),
@@ -212,6 +213,11 @@ def _data(spec: ExperimentSpec, stage: str, artifact: str, prepared: dict) -> li
                 tokens = prepared.get(entry.prefix, {}).get("tokens")
                 rows.append((s, entry.name, entry.lang, f"{weight:.3f}", ", ".join(f"`{x}`" for x in entry.source)
                              or f"`{entry.prefix}`", f"{tokens:,}" if tokens is not None else "not recorded"))
+        elif s in trained_with(PREFERENCE):
+            report = prepared.get(str(Path(data.train).parent), {})
+            rows.append((s, "preference pairs", "ja", "1", ", ".join(f"`{x}`" for x in data.train_source)
+                         or f"`{data.train}`", f"{report['tokens']:,} ({report['kept']:,} pairs)"
+                         if "tokens" in report else "not recorded"))
         else:
             root = str(Path(data.sft_train).parent) if data.sft_train else None
             report = prepared.get(root, {})
@@ -228,6 +234,10 @@ def _results(metrics: StageMetrics, results: dict[str, Any] | None, stage: str) 
                                              f"(JA gain {gain:+.2f}%)"),
             ("English held-out perplexity", f"{metrics.base_val_ppl_en:.2f} -> {metrics.val_ppl_en:.2f} "
                                             f"(EN forgetting {forgetting:+.2f}%)")]
+    if "reward_accuracy_after" in metrics.extra:  # a preference stage (dpo): its validation pairs
+        rows.append(("reward accuracy on the validation pairs", f"{metrics.extra['reward_accuracy_before']:.3f} -> "
+                     f"{metrics.extra['reward_accuracy_after']:.3f} (margin {metrics.extra['reward_margin_before']:+.4f}"
+                     f" -> {metrics.extra['reward_margin_after']:+.4f})"))
     lines = ["## Results", "", "Against the model the stage started from (held-out text, token-mean cross-entropy):",
              "", *_table(("", ""), rows), ""]
     if results is None or stage not in results.get("models", {}):

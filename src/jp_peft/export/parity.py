@@ -54,6 +54,17 @@ def check(name: str, a: torch.Tensor, b: torch.Tensor, atol: float, reason: str)
             "tolerance_reason": reason, "positions": int(a.shape[0] * a.shape[1])}
 
 
+def quantized_check(name: str, merged: torch.Tensor, trained: torch.Tensor, base_gap: float) -> dict:
+    """QLoRA's parity figure: the adapter merged into the full-precision base against the 4-bit model it was
+    trained as. They differ by the base's own quantization error, so the bound is measured, not fixed:
+    twice the max |logit diff| between the base in full precision and in 4-bit (`base_gap`) on the same ids."""
+    atol = 2 * base_gap + FP32_ATOL
+    return {**check(name, merged, trained, atol, f"the full-precision merge differs from the 4-bit training model "
+                    f"by about the base's own NF4 error (full vs 4-bit base: max |logit diff| {base_gap:.3e}); "
+                    "bound: twice that"), **{k: v for k, v in logit_agreement(merged, trained).items()
+                                             if k in ("mean_kl", "max_kl", "top1_agreement")}, "base_gap": base_gap}
+
+
 class ParityError(RuntimeError):
     """An exported or imported model does not reproduce the model it came from."""
 

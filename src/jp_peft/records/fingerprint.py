@@ -14,23 +14,37 @@ from typing import Any
 
 from jp_peft.records import layout as rundir
 from jp_peft.spec import ExperimentSpec
-from jp_peft.spec.stages import TABLE, stage as stage_row
+from jp_peft.spec.stages import TABLE, TRAIN, stage as stage_row
 
 # Fields that say nothing about what a run computes: changing them is not a different run.
 NOT_COMPARED = ("stages", "wandb")
 # Sections that count only for the stages whose table row names them (fingerprint_sections): changing
 # the eval section reruns the eval stage and keeps the trained ones.
 EVAL_ONLY = tuple(section for row in TABLE for section in row.fingerprint_sections)
+# Fields added after runs existed, left out while they hold their default: a run directory written
+# before them keeps its fingerprints (and resumes) as long as the spec does not use them.
+LATER_FIELDS = {("model", "quantization"): None, ("model", "quantization_compute_dtype"): None}
 
 
-def comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in spec_dict.items() if k not in NOT_COMPARED + EVAL_ONLY}
+def comparable(spec_dict: dict[str, Any], stage: str | None = None) -> dict[str, Any]:
+    """The fields that count for `stage`'s record. An optional stage's section (dpo) counts only in a run that
+    has the stage, and there not for the other trained stages: adding dpo to a finished run, or changing
+    dpo.beta, reruns dpo (its export, the eval), never cpt or sft."""
+    other_trained = stage is not None and stage_row(stage).kind == TRAIN
+    dropped = [row.section for row in TABLE if row.optional and row.section
+               and (row.name not in spec_dict.get("stages", ()) or (other_trained and stage != row.name))]
+    values = {k: v for k, v in spec_dict.items() if k not in NOT_COMPARED + EVAL_ONLY + tuple(dropped)}
+    for (section, name), default in LATER_FIELDS.items():
+        if isinstance(values.get(section), dict) and values[section].get(name, default) == default:
+            values[section] = {k: v for k, v in values[section].items() if k != name}
+    return values
 
 
 def fingerprint(spec: ExperimentSpec, stage: str | None = None) -> str:
     """What a stage's record must carry to count as done for this spec: the comparable fields, plus the
-    sections the stage's table row counts (the eval section for the eval stage)."""
-    values = comparable(spec.to_dict())
+    sections the stage's table row counts (the eval section for the eval stage). A trained stage's record is
+    written with its own name (run/entry.run_train), as the runner checks it."""
+    values = comparable(spec.to_dict(), stage)
     for section in stage_row(stage).fingerprint_sections if stage is not None else ():
         values[section] = spec.to_dict()[section]
     text = json.dumps(values, sort_keys=True, ensure_ascii=False)

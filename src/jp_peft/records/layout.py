@@ -1,25 +1,25 @@
 """The run directory: where every stage reads and writes, for both backends. The one owner of the layout.
 
-    OUTPUT_DIR/GROUP/import/base.json            the base model (HF dir, tokenizer, NeMo checkpoint)
-    OUTPUT_DIR/GROUP/data/prepared.json          what the data stage prepared
-    OUTPUT_DIR/GROUP/launches/                   NeMo-Run experiment dirs (task logs)
-    OUTPUT_DIR/GROUP/wandb_workspace.json        the W&B workspace definition (`jp-peft wandb workspace`, offline)
-    OUTPUT_DIR/NAME/spec.json                    the resolved spec of the run
-    OUTPUT_DIR/NAME/.jp-peft.lock                held by the launch using the run (also in GROUP/)
-    OUTPUT_DIR/NAME/{cpt,sft}/metrics.json       the stage's metrics record (jp_peft.records.metrics)
-    OUTPUT_DIR/NAME/{cpt,sft}/train_log.jsonl    per-step and per-validation rows
-    OUTPUT_DIR/NAME/{cpt,sft}/val_baseline.json  the starting model's held-out losses (Megatron)
-    OUTPUT_DIR/NAME/{cpt,sft}/checkpoints/       the trainer's checkpoints (resume); on Megatron
-    OUTPUT_DIR/NAME/{cpt,sft}/nemo/              NeMo's log directory, checkpoints/ inside
-    OUTPUT_DIR/NAME/{cpt,sft}/hf_adapter/        PEFT adapter (methods lora, lora_embed; none under full)
-    OUTPUT_DIR/NAME/{cpt,sft}/hf_merged/         merged Hugging Face model + tokenizer
-    OUTPUT_DIR/NAME/{cpt,sft}/model.nemo         merged NeMo checkpoint, one file (Megatron backend)
-    OUTPUT_DIR/NAME/{cpt,sft}/trained_logits.pt  the trained model's logits on held-out ids (hf; export checks)
-    OUTPUT_DIR/NAME/{cpt,sft}/export.json        the export record: artifacts and parity checks
-    OUTPUT_DIR/NAME/eval/results.json            downstream task scores of base, cpt and sft (lm-eval records)
-    OUTPUT_DIR/NAME/eval/samples.jsonl           greedy answers of base, cpt and sft to the bundled prompts
-    OUTPUT_DIR/NAME/summary.json                 the table printed at the end
-    OUTPUT_DIR/NAME/wandb/                       W&B's folders of the stages' runs (training.wandb_run)
+    OUTPUT_DIR/GROUP/import/base.json                the base model (HF dir, tokenizer, NeMo checkpoint)
+    OUTPUT_DIR/GROUP/data/prepared.json              what the data stage prepared
+    OUTPUT_DIR/GROUP/launches/                       NeMo-Run experiment dirs (task logs)
+    OUTPUT_DIR/GROUP/wandb_workspace.json            the W&B workspace definition (`jp-peft wandb workspace`, offline)
+    OUTPUT_DIR/NAME/spec.json                        the resolved spec of the run
+    OUTPUT_DIR/NAME/.jp-peft.lock                    held by the launch using the run (also in GROUP/)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/metrics.json       the stage's metrics record (jp_peft.records.metrics)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/train_log.jsonl    per-step and per-validation rows
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/val_baseline.json  the starting model's held-out losses (Megatron, dpo)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/checkpoints/       trainer checkpoints (resume; dpo: the HF Trainer's checkpoint-N/)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/nemo/              NeMo's log directory, checkpoints/ inside
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/hf_adapter/        PEFT adapter (methods lora, lora_embed; none under full)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/hf_merged/         merged Hugging Face model + tokenizer
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/model.nemo         merged NeMo checkpoint, one file (Megatron backend)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/trained_logits.pt  the trained model's logits on held-out ids (hf; export checks)
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/export.json        the export record: artifacts and parity checks
+    OUTPUT_DIR/NAME/eval/results.json                downstream task scores of base and every trained stage
+    OUTPUT_DIR/NAME/eval/samples.jsonl               greedy answers of base and every trained stage
+    OUTPUT_DIR/NAME/summary.json                     the table printed at the end
+    OUTPUT_DIR/NAME/wandb/                           W&B's folders of the stages' runs (training.wandb_run)
 
 GROUP is the sweep's group (NAME for a single run): the stages a sweep shares write there.
 """
@@ -149,7 +149,8 @@ def nemo_checkpoints(spec: ExperimentSpec, stage: str) -> Path:
 
 
 def trainer_checkpoints(spec: ExperimentSpec, stage: str) -> Path:
-    """A Lightning trainer's checkpoints (hf backend): last.ckpt and step=N.ckpt."""
+    """A trainer's checkpoints (hf backend): Lightning's last.ckpt and step=N.ckpt; the dpo stage's Hugging Face
+    Trainer (TRL) writes checkpoint-N/ directories here (backends/hf/dpo.last_checkpoint finds the newest)."""
     return stage_dir(spec, stage) / "checkpoints"
 
 

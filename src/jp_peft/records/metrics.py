@@ -1,4 +1,4 @@
-"""The stage metrics record: what a trained stage (cpt, sft) writes as metrics.json, on either backend.
+"""The stage metrics record: what a trained stage (cpt, sft, dpo) writes as metrics.json, on either backend.
 
 Both backends measure the same things the same way -- token-mean cross-entropy on the first
 blocks of the held-out Japanese and English indexed datasets, before the stage's first step and
@@ -31,6 +31,11 @@ MFU = "perf/mfu"  # only where the device's peak is known (training/flops.peak_t
 JA_PPL_GAIN = "val/ja_ppl_gain"  # fractions of the stage's starting perplexity (validation_row)
 EN_PPL_FORGETTING = "val/en_ppl_forgetting"
 LANGUAGES = ("ja", "en")  # held-out sets: the Japanese gain, the English forgetting
+# The dpo stage's validation rows (backends/hf/dpo.py): on the validation pairs, the share whose implicit reward
+# (beta x the policy's log-probability ratio to the reference) is higher for chosen than for rejected, and the
+# mean of chosen minus rejected reward. metrics.json has their first and last values in `extra`.
+REWARD_ACCURACY = "val/dpo_reward_accuracy"
+REWARD_MARGIN = "val/dpo_reward_margin"
 
 
 def val_loss_key(lang: str) -> str:

@@ -20,7 +20,8 @@ from jp_peft.records.fingerprint import finished_earlier, fingerprint
 from jp_peft.records.metrics import read_stage_metrics
 from jp_peft.run.summary import DOWNSTREAM_KEYS, format_summary
 from jp_peft.spec import ExperimentSpec, experiment_from_dict
-from jp_peft.spec.stages import BLEND, CHAT, DATA, EVAL, EXPORT, IMPORT, TRAIN, stage as stage_row, trained_with
+from jp_peft.spec.stages import (BLEND, CHAT, DATA, EVAL, EXPORT, IMPORT, PREFERENCE, TRAIN, stage as stage_row,
+                                 trained_with)
 
 
 def _log(msg: str) -> None:
@@ -85,6 +86,13 @@ def run_data(exp: ExperimentSpec) -> dict:
                                 format=data.sft_format, min_chars=2, min_ja_ratio=0.0, val_fraction=0.05,
                                 **executor_for(data.sft_source))
             reports[root] = _summary(prepare(cfg))
+        for split in ("train", "validation") if stage in trained_with(PREFERENCE) else ():
+            path, sources = getattr(data, split), getattr(data, f"{split}_source")
+            if path and sources and not Path(path).exists():  # PREFIX/training.jsonl: one prefix per split
+                root = str(Path(path).parent)
+                cfg = PrepareConfig(inputs=tuple(sources), output_prefix=root, tokenizer=tokenizer, format=PREFERENCE,
+                                    min_chars=2, min_ja_ratio=0.0, **executor_for(sources))
+                reports[root] = _summary(prepare(cfg))
     for name, report in reports.items():
         _log(f"data: {Path(name).name}: read {report['read']}, kept {report['kept']}, "
              f"rejected {report['rejected_total']}, {report['tokens']} tokens, {report['chars_per_token']} chars/token")
@@ -103,7 +111,7 @@ def run_train(exp: ExperimentSpec, stage: str, recipe=None):
     from jp_peft.training.ranks import is_rank_zero, wait_for_all_ranks
 
     metrics = backend_of(exp).train(exp, stage, recipe)
-    metrics = dataclasses.replace(metrics, spec_fingerprint=fingerprint(exp))
+    metrics = dataclasses.replace(metrics, spec_fingerprint=fingerprint(exp, stage))
     wait_for_all_ranks()  # every rank finished training before the record says the stage is done
     if not is_rank_zero():
         return metrics

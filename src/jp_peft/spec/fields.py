@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jp_peft.spec.stages import (BACKEND_NAMES, BLEND, CHAT, EXPORT, STAGES, TRAINED_STAGES, single_stage,
-                                 stage as stage_row, trained_with)
+from jp_peft.spec.stages import (BACKEND_NAMES, BLEND, CHAT, DEFAULT_STAGES, EXPORT, PREFERENCE, STAGES,
+                                 TRAINED_STAGES, refusal, single_stage, stage as stage_row, trained_with)
 
 # Hugging Face names of Qwen2's seven linear projections (the spec speaks these names;
 # the Megatron backend translates them, see jp_peft.backends.megatron.lora_mapping).
@@ -28,6 +28,13 @@ PRECISIONS = ("bf16-mixed", "16-mixed", "32", "32-true", "bf16-true")
 # What a trained stage trains: LoRA on the projections (lora); LoRA plus the input embeddings and the
 # output layer, at train.embed_lr (lora_embed); every parameter, no adapter (full).
 METHODS = ("lora", "lora_embed", "full")
+# The base model's weights as a trained stage loads them: None (the checkpoint's dtype) or nf4 (QLoRA:
+# bitsandbytes 4-bit NormalFloat with double quantization, LoRA trained on top).
+QUANTIZATIONS = (None, "nf4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# TRL's DPO losses the dpo stage offers (trl 0.29 DPOConfig.loss_type): sigmoid is the DPO paper's.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down")
 
 
 class SpecError(ValueError):
@@ -53,9 +60,20 @@ class ModelSpec:
     tiny: bool = False
     # NeMo model config class in nemo.collections.llm for the Megatron backend.
     nemo_config: str = "Qwen25Config500M"
+    # null: the weights as the checkpoint has them; nf4: QLoRA (the base frozen in 4-bit NormalFloat with double
+    # quantization, LoRA trained on top; hf backend, method lora)
+    quantization: str | None = None
+    # what the 4-bit layers compute in: float32, bfloat16 or float16; null: bfloat16 where the GPU has it, else float32
+    quantization_compute_dtype: str | None = None
 
     def __post_init__(self):
         _require(bool(self.name), "model.name", "must not be empty")
+        _require(self.quantization in QUANTIZATIONS, "model.quantization",
+                 f"{self.quantization!r} is not one of null, {', '.join(q for q in QUANTIZATIONS if q)}")
+        _require(self.quantization_compute_dtype in (None, *COMPUTE_DTYPES), "model.quantization_compute_dtype",
+                 f"{self.quantization_compute_dtype!r} is not one of null, {', '.join(COMPUTE_DTYPES)}")
+        _require(self.quantization_compute_dtype is None or self.quantization is not None,
+                 "model.quantization_compute_dtype", "only with model.quantization (nf4)")
 
 
 @dataclass(frozen=True)
@@ -295,6 +313,58 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class PreferenceDataSpec:
+    """Data of the dpo stage: preference pairs (prompt, chosen, rejected) as `jp-peft data prepare --format
+    preference` writes them, and the held-out text every trained stage is measured on."""
+
+    # the prepared training pairs (JSONL: prompt, chosen, rejected)
+    train: str | None = None
+    # raw preference JSONL the data stage prepares into `train` (jp-peft data prepare --format preference)
+    train_source: tuple[str, ...] = ()
+    # the prepared validation pairs: reward accuracy and margin at every validation
+    validation: str | None = None
+    # raw preference JSONL the data stage prepares into `validation`
+    validation_source: tuple[str, ...] = ()
+    # held-out Japanese indexed-dataset prefix (the perplexity before and after)
+    val_ja: str | None = None
+    # raw text the data stage prepares into val_ja
+    val_ja_source: tuple[str, ...] = ()
+    # held-out English indexed-dataset prefix (the forgetting)
+    val_en: str | None = None
+    # raw text the data stage prepares into val_en
+    val_en_source: tuple[str, ...] = ()
+    # tokens of prompt + answer (longer pairs are cut at the end); also the held-out block length
+    seq_length: int = 1024
+
+    def __post_init__(self):
+        for name in ("train_source", "validation_source", "val_ja_source", "val_en_source"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _require(self.seq_length >= 8, "data.seq_length", f"must be >= 8, got {self.seq_length}")
+
+
+@dataclass(frozen=True)
+class DpoSpec:
+    """The dpo stage: TRL's DPOTrainer from the model the stage starts from (SFT's merged model), a new LoRA
+    adapter as the policy, the starting model (the adapter off) as the reference."""
+
+    data: PreferenceDataSpec = field(default_factory=PreferenceDataSpec)
+    # DPO wants a much lower learning rate than SFT (the presets set it: 5e-6 on the real model)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    # what the stage trains: lora only (the reference is the starting model with the adapter off)
+    method: str = "lora"
+    # DPO's beta: how far the policy may move from the reference (higher: closer)
+    beta: float = 0.1
+    # one of DPO_LOSSES (TRL's loss_type); sigmoid is the DPO paper's loss
+    loss_type: str = "sigmoid"
+
+    def __post_init__(self):
+        _choice(self.method, ("lora",), "method")
+        _require(self.train.embed_lr is None, "train.embed_lr", "the dpo stage trains LoRA only (method lora)")
+        _require(isinstance(self.beta, (int, float)) and self.beta > 0, "beta", f"must be positive, got {self.beta!r}")
+        _choice(self.loss_type, DPO_LOSSES, "loss_type")
+
+
+@dataclass(frozen=True)
 class WandbSpec:
     """W&B run identity. Offline unless WANDB_API_KEY is set; the key never enters the spec."""
 
@@ -375,12 +445,13 @@ class ExperimentSpec:
     backend: str = "megatron"
     # where run directories go (relative: from the current directory)
     output_dir: str = "runs"
-    # the stages to run, a subset of import, data, cpt, sft, export, eval
-    stages: tuple[str, ...] = STAGES
+    # the stages to run, a subset of import, data, cpt, sft, dpo, export, eval (default: all but dpo)
+    stages: tuple[str, ...] = DEFAULT_STAGES
     model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     cpt: StageSpec = field(default_factory=StageSpec)
     sft: StageSpec = field(default_factory=StageSpec)
+    dpo: DpoSpec = field(default_factory=DpoSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     wandb: WandbSpec = field(default_factory=WandbSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -395,15 +466,21 @@ class ExperimentSpec:
         _choice(self.backend, BACKENDS, "backend")
         for stage in self.stages:
             _choice(stage, STAGES, "stages")
-            supported = stage_row(stage).backends
-            _require(self.backend in supported, "stages", f"the {stage} stage runs on the {' or '.join(supported)} "
-                     f"backend, not {self.backend} (--backend {supported[0]}, or drop {stage} from --stages)")
+            why = refusal(stage, self.backend)
+            _require(why is None, "stages", str(why))
         for stage_name in TRAINED_STAGES:
+            if stage_row(stage_name).optional and stage_name not in self.stages:
+                continue  # an optional stage's section is checked when the run has it (a preset may size it for one GPU)
             train = getattr(self, stage_name).train
             per_step = train.micro_batch_size * self.cluster.data_parallel_size
             _require(train.global_batch_size % per_step == 0, f"{stage_name}.train.global_batch_size",
                      f"{train.global_batch_size} is not divisible by micro_batch_size x data_parallel_size "
                      f"= {train.micro_batch_size} x {self.cluster.data_parallel_size}")
+        for stage_name in self.trained_stages if self.model.quantization else ():
+            method = self.stage(stage_name).method
+            _require(method == "lora", f"{stage_name}.method", f"model.quantization {self.model.quantization} trains LoRA "
+                     f"on a frozen 4-bit base; {method} trains the base's own weights: use method lora, or drop "
+                     "model.quantization")
         for stage_name in trained_with(BLEND):
             if stage_name in self.stages:
                 _require(len(self.stage(stage_name).data.blend) > 0, f"{stage_name}.data.blend",
@@ -422,7 +499,7 @@ class ExperimentSpec:
         """Where the stages a sweep shares (import, data) write."""
         return Path(self.output_dir) / self.group_name
 
-    def stage(self, name: str) -> StageSpec:
+    def stage(self, name: str) -> "StageSpec | DpoSpec":
         """The spec section of a trained stage (its row's `section` in jp_peft.spec.stages)."""
         return getattr(self, name)
 
@@ -485,6 +562,16 @@ class ExperimentSpec:
                         _require(bool(entry.source), field_name,
                                  f"{entry.prefix}.bin/.idx not found and no source to prepare it from")
                         check_sources(field_name + ".source", entry.source)
+            if stage_name in trained_with(PREFERENCE):
+                for name in ("train", "validation"):
+                    path, sources = getattr(data, name), getattr(data, f"{name}_source")
+                    field_name = f"{stage_name}.data.{name}"
+                    _require(path is not None, field_name, f"the {stage_name} stage needs a {name} file of preference "
+                             "pairs (prompt, chosen, rejected JSONL)")
+                    if not Path(path).is_file():
+                        _require(bool(sources), field_name, f"{path} not found and no {name}_source; write it with "
+                                 "`jp-peft data prepare --format preference`")
+                        check_sources(f"{field_name}_source", sources)
             if stage_name in trained_with(CHAT):
                 _require(data.sft_train is not None, f"{stage_name}.data.sft_train",
                          f"the {stage_name} stage needs a training file")
@@ -513,9 +600,10 @@ def _to_plain(value: Any) -> Any:
 # --- building specs from YAML presets and dotted overrides ---------------------------
 
 _NESTED = {
-    ExperimentSpec: {"model": ModelSpec, "lora": LoraSpec, "cpt": StageSpec, "sft": StageSpec,
+    ExperimentSpec: {"model": ModelSpec, "lora": LoraSpec, "cpt": StageSpec, "sft": StageSpec, "dpo": DpoSpec,
                      "cluster": ClusterSpec, "wandb": WandbSpec, "eval": EvalSpec},
     StageSpec: {"data": DataSpec, "train": TrainSpec},
+    DpoSpec: {"data": PreferenceDataSpec, "train": TrainSpec},
 }
 
 

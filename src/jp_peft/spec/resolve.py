@@ -19,12 +19,17 @@ from typing import Any
 
 from jp_peft.resources import bundled, placeholder_values, presets_dir
 from jp_peft.spec.fields import ExperimentSpec, SpecError, experiment_from_dict
-from jp_peft.spec.stages import STAGES, TRAINED_STAGES
+from jp_peft.spec.stages import DEFAULT_STAGES, STAGES, TRAINED_STAGES
+
+# The stages `train.X=` and `data.X=` set: the trained stages a run has by default (cpt, sft). An optional
+# stage's fields are its own (`dpo.train.lr=5e-6`): its data section has other fields, and its learning rate
+# is of another order.
+SHORTHAND_STAGES = tuple(s for s in TRAINED_STAGES if s in DEFAULT_STAGES)
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place.
 
-    `train.X=...` and `data.X=...` are shorthands that set the field in every trained stage (cpt and sft).
+    `train.X=...` and `data.X=...` are shorthands that set the field in cpt and sft (SHORTHAND_STAGES).
     """
     for item in overrides:
         if "=" not in item:
@@ -32,7 +37,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, raw = item.split("=", 1)
         value = _parse_value(raw)
         parts = key.strip().split(".")
-        targets = [[stage] + parts for stage in TRAINED_STAGES] if parts[0] in ("train", "data") else [parts]
+        targets = [[stage] + parts for stage in SHORTHAND_STAGES] if parts[0] in ("train", "data") else [parts]
         for target in targets:
             node = values
             for part in target[:-1]:
@@ -195,10 +200,10 @@ def _absolute_data_paths(values: dict, cwd: Path) -> None:
 
     for stage in TRAINED_STAGES:
         data = values.get(stage, {}).get("data", {})
-        for key in ("sft_train", "sft_val", "val_ja", "val_en"):
+        for key in ("sft_train", "sft_val", "val_ja", "val_en", "train", "validation"):  # train, validation: dpo
             if isinstance(data.get(key), str):
                 data[key] = fix(data[key])
-        for key in ("sft_source", "val_ja_source", "val_en_source"):
+        for key in ("sft_source", "val_ja_source", "val_en_source", "train_source", "validation_source"):
             if data.get(key):
                 data[key] = [fix(p) for p in data[key]]
         for entry in data.get("blend", []) or []:

@@ -6,6 +6,11 @@ train, at which learning rate, how they are counted, and what the stage exports.
               own optimizer group at train.embed_lr; exports hf_adapter/ (with the saved modules) + hf_merged/.
   full        no PEFT, every parameter trains; exports hf_merged/ only.
 
+QLoRA (model.quantization: nf4, method lora): the base is loaded in 4-bit NF4 with double quantization
+(bitsandbytes), prepared with PEFT's prepare_model_for_kbit_training, and LoRA trains on top. The export
+merges the adapter into the full-precision base (hf_merged is a plain fp32 model, as without quantization);
+how far it is from the quantized model it was trained as is the export's measured parity figure.
+
 Tied embeddings (Qwen2.5-0.5B, the tiny model): under lora_embed PEFT's `ensure_weight_tying` makes the
 output layer's trainable copy the embedding's, so the tie holds while training, in the adapter and in the
 merged model (which saves one matrix and ties on load). Under full the tie is the model's own.
@@ -35,11 +40,43 @@ def lora_config(lora: LoraSpec, method: str = "lora", tied: bool = False):
                       target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM", **extra)
 
 
-def build_model(base_dir: str, method: str, lora: LoraSpec, dtype: torch.dtype = torch.float32):
-    """The model a stage trains: a PeftModel (lora, lora_embed) or the plain model, all of it trainable (full)."""
+def compute_dtype(model_spec) -> torch.dtype:
+    """What QLoRA's 4-bit layers compute in: the spec's, else bf16 where the GPU has it, else fp32."""
+    if model_spec.quantization_compute_dtype:
+        return getattr(torch, model_spec.quantization_compute_dtype)
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_base(base_dir: str, dtype: torch.dtype = torch.float32, model_spec=None):
+    """The base a stage starts from: as saved, or (model.quantization nf4) in 4-bit NF4, ready for k-bit training."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=dtype)
+    if model_spec is None or model_spec.quantization is None:
+        return AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=dtype)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype(model_spec))
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, torch_dtype=dtype,
+                                                device_map={"": 0} if torch.cuda.is_available() else "cpu")
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
+def quantization_record(model_spec) -> dict:
+    """What a QLoRA stage trained on, for metrics.json (the export reads it: its parity figure is against this)."""
+    return {"type": model_spec.quantization, "double_quant": True,
+            "compute_dtype": str(compute_dtype(model_spec)).removeprefix("torch.")}
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None),
+                                                                       "is_loaded_in_4bit", False))
+
+
+def build_model(base_dir: str, method: str, lora: LoraSpec, dtype: torch.dtype = torch.float32, model_spec=None):
+    """The model a stage trains: a PeftModel (lora, lora_embed) or the plain model, all of it trainable (full)."""
+    base = load_base(base_dir, dtype, model_spec)
     if method == "full":
         base.requires_grad_(True)
         return base
@@ -90,7 +127,8 @@ def export(model, tokenizer, base_dir: str, adapter_dir: Path, merged_dir: Path)
     else:
         shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp = _fresh(merged_dir)
-    merged_model(model).save_pretrained(tmp, safe_serialization=True)
+    merged = merged_model(model) if not is_quantized(model) else full_precision_merge(base_dir, adapter_dir)
+    merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, merged_dir)
     written["hf_merged"] = str(merged_dir)
@@ -102,6 +140,15 @@ def merged_model(model):
     import copy
 
     return copy.deepcopy(model).merge_and_unload() if is_peft(model) else model
+
+
+def full_precision_merge(base_dir: str, adapter_dir: Path):
+    """QLoRA's export: the saved adapter merged into the base in full precision (fp32), not into its 4-bit copy."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def _fresh(final: Path) -> Path:

@@ -6,6 +6,7 @@ from jp_peft.records import layout as rundir
 from jp_peft.records.export_record import ExportRecord
 from jp_peft.records.metrics import StageMetrics, read_stage_metrics
 from jp_peft.spec import ExperimentSpec
+from jp_peft.spec.stages import PREFERENCE, stage as stage_row
 
 
 def train(spec: ExperimentSpec, stage: str) -> StageMetrics:
@@ -24,12 +25,19 @@ def train(spec: ExperimentSpec, stage: str) -> StageMetrics:
     shape = "all parameters" if method == "full" else f"LoRA r={spec.lora.rank} alpha={spec.lora.alpha}" + (
         " + embeddings/output layer" if method == "lora_embed" else "")
     print(f"[jp-peft] {stage}: {method} ({shape}) on {base}", flush=True)
-    logger = wandb_logger(spec, stage, resuming=rundir.trainer_last_checkpoint(spec, stage).exists())
+    if stage_row(stage).data_kind == PREFERENCE:  # TRL's DPOTrainer (a Hugging Face Trainer), not Lightning
+        from jp_peft.backends.hf.dpo import last_checkpoint, train_dpo_stage as train_stage
+
+        resuming = last_checkpoint(rundir.trainer_checkpoints(spec, stage)) is not None
+    else:
+        resuming = rundir.trainer_last_checkpoint(spec, stage).exists()
+    logger = wandb_logger(spec, stage, resuming=resuming)
     metrics, model, tokenizer = train_stage(spec, stage, base, [logger] if logger else [])
     written = hf_methods.export(model, tokenizer, base, rundir.hf_adapter(spec, stage), rundir.hf_merged(spec, stage))
     with torch.no_grad():
         ids = parity.held_out_ids(spec.stage(stage).data.val_ja)
-        torch.save(model.float()(input_ids=ids.to(model.device)).logits.float().cpu(), rundir.trained_logits(spec, stage))
+        trained = model if hf_methods.is_quantized(model) else model.float()  # a 4-bit model has no .float()
+        torch.save(trained(input_ids=ids.to(model.device)).logits.float().cpu(), rundir.trained_logits(spec, stage))
     if logger is not None:
         if "hf_adapter" in written:
             log_adapter_artifact(logger, spec, stage, rundir.hf_adapter(spec, stage), metrics.to_dict())
@@ -45,14 +53,24 @@ def export(spec: ExperimentSpec, stage: str) -> ExportRecord:
 
     from jp_peft.export import parity
 
-    method = read_stage_metrics(rundir.metrics_file(spec, stage)).method
+    metrics = read_stage_metrics(rundir.metrics_file(spec, stage))
+    method, quantized = metrics.method, metrics.extra.get("quantization")
     ids = parity.held_out_ids(spec.stage(stage).data.val_ja)
     merged = parity.hf_logits(rundir.hf_merged(spec, stage), ids)
     trained = rundir.trained_logits(spec, stage)
     if not trained.exists():  # training writes it; without it nothing shows the export is the trained model
         raise rundir.MissingRecord(f"export of {stage}: {trained} not found; rerun the {stage} stage")
-    checks = [parity.check("hf_merged_vs_trained", merged, torch.load(trained), parity.FP32_ATOL,
-                           "the saved model is the trained one (merged in fp32 for PEFT methods)")]
+    if quantized:  # QLoRA: the full-precision merge against the 4-bit model it was trained as
+        from jp_peft.backends.hf.methods import load_base
+
+        with torch.no_grad():
+            base = metrics.base_model
+            nf4 = load_base(base, model_spec=spec.model).eval()(input_ids=ids.to(_device())).logits.float().cpu()
+            base_gap = float((parity.hf_logits(base, ids) - nf4).abs().max())
+        checks = [parity.quantized_check("hf_merged_vs_trained_nf4", merged, torch.load(trained), base_gap)]
+    else:
+        checks = [parity.check("hf_merged_vs_trained", merged, torch.load(trained), parity.FP32_ATOL,
+                               "the saved model is the trained one (merged in fp32 for PEFT methods)")]
     if method != "full":
         checks.append(parity.check("peft_adapter_vs_hf_merged", parity.peft_logits(rundir.hf_adapter(spec, stage), ids),
                                    merged, parity.FP32_ATOL,
@@ -64,3 +82,9 @@ def export(spec: ExperimentSpec, stage: str) -> ExportRecord:
     return ExportRecord(method=method, hf_merged=str(rundir.hf_merged(spec, stage)),
                         hf_adapter=str(rundir.hf_adapter(spec, stage)) if method != "full" else None,
                         adapter_base=rundir.stage_start_hf(spec, stage), checks=checks)
+
+
+def _device():
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -53,10 +53,10 @@ class TrainedStageModule(pl.LightningModule):
     """One trained stage of any method: `model` is a PeftModel, or the plain model under method full."""
 
     def __init__(self, base_dir: str, lora: LoraSpec, train_spec: TrainSpec, train_set: Dataset,
-                 val_sets: dict[str, Dataset], dtype: torch.dtype = torch.float32, method: str = "lora"):
+                 val_sets: dict[str, Dataset], dtype: torch.dtype = torch.float32, method: str = "lora", model_spec=None):
         super().__init__()
         self.method = method
-        self.model = hf_methods.build_model(base_dir, method, lora, dtype)
+        self.model = hf_methods.build_model(base_dir, method, lora, dtype, model_spec)
         self.train_spec = train_spec
         self.train_set, self.val_sets = train_set, val_sets
         self.val_names = list(val_sets)
@@ -219,7 +219,8 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     train_set, val_sets = build_datasets(spec, stage, tokenizer)
     precision = resolve_precision(train.precision)
-    module = TrainedStageModule(base_dir, spec.lora, train, train_set, val_sets, method=stage_spec.method)
+    module = TrainedStageModule(base_dir, spec.lora, train, train_set, val_sets, method=stage_spec.method,
+                                model_spec=spec.model)
     trainable, total = hf_methods.count_params(module.model)
 
     for logger in loggers:
@@ -259,6 +260,8 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
     extra = {}
     if isinstance(train_set, BlendedBlocks):
         extra["blend_epochs"] = dict(zip([b.name for b in stage_spec.data.blend], train_set.epochs()))
+    if spec.model.quantization:  # what the stage trained on (the export's parity figure is against this)
+        extra["quantization"] = hf_methods.quantization_record(spec.model)
     metrics = StageMetrics.from_train_log(
         train_log, stage=stage, backend="hf", steps=trainer.global_step, base_model=base_dir,
         base_val_loss_ja=module.base_val["ja"], base_val_loss_en=module.base_val["en"],

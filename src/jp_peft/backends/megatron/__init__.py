@@ -22,6 +22,10 @@ class MegatronBackend(Backend):
     name = "megatron"
 
     def validate(self, spec) -> None:
+        if spec.model.quantization is not None:
+            raise SpecError(f"model.quantization: {spec.model.quantization} needs a 4-bit base model, which NeMo 2.7.3's "
+                            "nemo.collections.llm does not have (no bitsandbytes/NF4 Qwen2); use --backend hf for "
+                            "QLoRA, or drop model.quantization")
         if spec.cluster.accelerator == "cpu":
             if not spec.model.tiny:
                 raise SpecError("cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny "
@@ -66,7 +70,7 @@ class MegatronBackend(Backend):
 
     def composes(self, stage: str) -> bool:
         # import (llm.import_ckpt) and the trained stages (llm.finetune) are NeMo recipes
-        return stage_row(stage).kind in (IMPORT, TRAIN)
+        return stage_row(stage).kind in (IMPORT, TRAIN) and self.name in stage_row(stage).backends
 
     def launch_needs(self, spec, stage: str) -> LaunchNeeds:
         if stage_row(stage).kind != TRAIN:
