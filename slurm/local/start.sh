@@ -23,14 +23,15 @@ HOST=$(hostname -s)
 CPUS=$(nproc)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))  # MiB, leaving 1 GiB to the OS
 
-# Two nodes share this host's CPUs and memory: each gets half (at least one CPU).
+# Two nodes share this host's CPUs and memory: each gets half, but at least two CPUs (a node must hold
+# the two gloo ranks of the Megatron CPU tier's job; on a 2-core host the nodes overcommit its CPUs).
 # Each is its own slurmd (-N NAME) on its own port; Slurm tells them apart by port on the same address.
 if [ "$NODES" -eq 1 ]; then
   names=("$HOST")
   nodes_conf="NodeName=$HOST NodeAddr=$HOST Port=$((PORT + 1)) CPUs=$CPUS RealMemory=$MEM State=UNKNOWN"
 else
   names=(node1 node2)
-  per_cpus=$(( CPUS / 2 > 0 ? CPUS / 2 : 1 ))
+  per_cpus=$(( CPUS / 2 > 2 ? CPUS / 2 : 2 ))
   nodes_conf=""
   for i in 1 2; do
     nodes_conf+="NodeName=node$i NodeHostname=$HOST NodeAddr=$HOST Port=$((PORT + i)) CPUs=$per_cpus"

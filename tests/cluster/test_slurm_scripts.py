@@ -234,6 +234,27 @@ def test_light_stages_run_one_task_and_torchrun_starts_one_process_per_allocated
             assert "torchrun" not in stage_srun and " python -m " in stage_srun, task.name
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.unit
+def test_megatron_cpu_training_starts_a_torchrun_rank_per_gpus_per_node_without_a_gpu(ranks, tmp_path):
+    """The Megatron CPU tier on the local profile (no GPUs): each of cluster.gpus_per_node is a gloo rank,
+    started by torchrun in the node's one task, which asks for a CPU per rank; the light stages are unchanged."""
+    tasks, scripts = render("smoke.yaml", load_profile("local"),
+                            ["backend=megatron", "cluster.accelerator=cpu", f"cluster.gpus_per_node={ranks}",
+                             "stages=[cpt,export,sft]", *PREPARED], [], tmp_path)
+    assert {t.stage for t in tasks} >= {"cpt", "sft"}
+    for task in tasks:
+        script = scripts[task.name]
+        stage_srun = next(line for line in script.splitlines() if line.startswith("srun --output"))
+        assert sbatch_value(script, "ntasks-per-node") == "1" and sbatch_value(script, "nodes") == "1", task.name
+        assert sbatch_value(script, "gpus-per-node") is None, task.name
+        if task.stage in ("cpt", "sft"):
+            assert f"--nnodes 1 --nproc-per-node {ranks} " in stage_srun, task.name
+            assert sbatch_value(script, "cpus-per-task") == (str(ranks) if ranks > 1 else None), task.name
+        else:
+            assert "torchrun" not in stage_srun and sbatch_value(script, "cpus-per-task") is None, task.name
+
+
 @pytest.mark.unit
 def test_training_on_more_gpus_than_a_node_has_is_refused_before_submission(tmp_path):
     with pytest.raises(ProfileError, match=r"cluster.gpus_per_node=16 .*h100_pyxis.yaml .*gpus_per_node: 8"):

@@ -173,17 +173,31 @@ def test_job_logs_never_contain_the_wandb_key(cluster, tmp_path, tiny_base):
     assert leaks == [], f"the W&B key was written to {leaks}"
 
 
-def test_megatron_cpu_smoke_runs_through_slurm(cluster, tmp_path, tiny_base):
-    """NeMo's real Megatron path on the CPU tier, as Slurm jobs: torchrun with one process and no GPU for
-    the training stages, afterok dependencies, the same records and parity checks as the local run."""
+def relative_difference(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def test_megatron_cpu_smoke_runs_through_slurm_on_two_ranks_and_equals_one_process(cluster, tmp_path, tiny_base):
+    """NeMo's real Megatron path on the CPU tier, as Slurm jobs: the training stages are one task on one node in
+    which torchrun starts two gloo ranks (cluster.gpus_per_node=2: data parallel 2), no GPU requested and a CPU
+    per rank; afterok dependencies, the same records and parity checks as the local run. Its CPT trains what
+    one process trains from the same spec (run here, the CPT stage only, in the run's group): every training and
+    validation loss within 1e-4 relative. LoRA dropout 0: with dropout each rank draws masks for its own micro
+    batches (test_megatron_multirank.py)."""
+    from megatron_tier import run_in_own_group, train_losses, val_losses
+
     env = {**os.environ, "NEMO_HOME": str(tmp_path / "nemo_home"), "WANDB_MODE": "offline"}
     proc = subprocess.run([*EXPERIMENT, "--smoke", "--backend", "megatron", "--wait", "--output-dir", str(tmp_path),
-                           *SHORT], capture_output=True, text=True, timeout=1800, cwd=REPO, env=env)
+                           *SHORT, "cluster.gpus_per_node=2", "lora.dropout=0.0"], capture_output=True, text=True,
+                          timeout=1800, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     jobs = submitted_jobs(proc.stdout)
     assert [job_info(jobs[name])["JobState"] for name in jobs] == ["COMPLETED"] * 7
     run_dir = tmp_path / "smoke"
     for stage, steps in (("cpt", 8), ("sft", 6)):
+        info = job_info(jobs[f"smoke-{stage}"])
+        assert (info["NumNodes"], info["NumTasks"], info["NumCPUs"]) == ("1", "1", "2"), info
+        assert "--nproc-per-node 2 " in Path(info["Command"]).read_text(), info["Command"]  # the sbatch script
         assert json.loads((run_dir / stage / "metrics.json").read_text())["steps"] == steps
         checks = json.loads((run_dir / stage / "export.json").read_text())["checks"]
         assert [c["check"] for c in checks] == ["trained_vs_nemo_merged", "nemo_merged_vs_hf_merged",
@@ -191,6 +205,24 @@ def test_megatron_cpu_smoke_runs_through_slurm(cluster, tmp_path, tiny_base):
         assert all(c["ok"] is True and c["max_abs_diff"] <= 1e-4 for c in checks), checks
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backend"] == "megatron" and summary["stages"][0]["ja_ppl_after"] < summary["stages"][0]["ja_ppl_before"]
+
+    spec = json.loads((run_dir / "spec.json").read_text())
+    assert spec["cluster"]["gpus_per_node"] == 2 and spec["lora"]["dropout"] == 0.0
+    spec.update(name="slurm-one-process", group=run_dir.name, stages=["cpt"])
+    spec["cluster"]["gpus_per_node"] = 1
+    spec_path = tmp_path / "one_process.json"
+    spec_path.write_text(json.dumps(spec))
+    one = run_in_own_group([sys.executable, "-m", "jp_peft.cli", "stage", "cpt", "--spec", str(spec_path)],
+                           {**env, "WANDB_MODE": "disabled"})
+    assert one.returncode == 0, one.stdout[-4000:] + one.stderr[-4000:]
+    got, ref = train_losses(run_dir / "cpt"), train_losses(tmp_path / "slurm-one-process" / "cpt")
+    assert sorted(got) == sorted(ref) == list(range(1, 9))  # every step once: rank 0 alone writes
+    got_val, ref_val = val_losses(run_dir / "cpt"), val_losses(tmp_path / "slurm-one-process" / "cpt")
+    assert [row[0] for row in got_val] == [row[0] for row in ref_val] and len(ref_val) >= 2
+    found = {"loss": max(relative_difference(got[s], ref[s]) for s in ref),
+             "val": max(relative_difference(g, r) for gr, rr in zip(got_val, ref_val) for g, r in zip(gr[1:], rr[1:]))}
+    print(f"megatron slurm dp2: relative differences against one process: {json.dumps(found)}")
+    assert found["loss"] <= 1e-4 and found["val"] <= 1e-4, found
 
 
 def test_a_failed_job_cancels_its_whole_chain_of_dependents_even_without_kill_invalid_depend(cluster, tmp_path):

@@ -332,13 +332,17 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
     torchrun (Megatron training): `nodes` x `gpus_per_node` GPUs, one Slurm task per node, in which
     torchrun starts one process per allocated GPU. Otherwise (import, data, export, eval, hf
     training) one task on one node with at most one GPU: every extra task would run the whole
-    stage again over the same files. on_cpu (the Megatron CPU tier, the tiny model): torchrun starts one
-    process per node (`nodes`, default 1), no GPU; the spec allows one node there, the dev cluster's two-node
-    test runs two.
+    stage again over the same files. on_cpu (the Megatron CPU tier, the tiny model): the same layout, one task
+    per node (`nodes`, default 1) in which torchrun starts `gpus_per_node` gloo ranks (default 1), but no GPU
+    request; the task asks for a CPU per rank (or the profile's cpus_per_task, if more), so that a node
+    holds its ranks and a site binding tasks to their CPUs does not put them all on one core.
     """
     nprocs = None
+    cpus_per_task = profile.cpus_per_task
     if torchrun and on_cpu:
-        nodes, gpus, nprocs = nodes or 1, 0, 1
+        nodes, gpus, nprocs = nodes or 1, 0, gpus_per_node or 1
+        if nprocs > 1:
+            cpus_per_task = max(cpus_per_task or 1, nprocs)
     elif torchrun:
         nodes = nodes or profile.nodes
         gpus = profile.gpus_per_node if gpus_per_node is None else gpus_per_node
@@ -368,7 +372,7 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
         # NeMo-Run's default is ntasks_per_node: the count of torchrun's processes must follow the GPUs instead.
         torchrun_nproc_per_node=nprocs,
         gpus_per_node=gpus or None,
-        cpus_per_task=profile.cpus_per_task,
+        cpus_per_task=cpus_per_task,
         qos=profile.qos,
         mem=profile.mem,
         exclusive=profile.exclusive or None,
