@@ -24,6 +24,7 @@ from jp_peft.records.metrics import (CONSUMED_TOKENS, STEP, downstream_forgettin
                                      read_train_log, relative_forgetting, relative_gain, step_rows, val_loss_key)
 from jp_peft.records.layout import MissingRecord, read_json
 from jp_peft.spec import TRAINED_STAGES
+from jp_peft.spec.stages import BLEND, CHAT, PREFERENCE, stage as stage_row
 
 IGNORED_KEYS = ("name", "group", "output_dir")  # differ by construction, say nothing about the recipe
 # downstream columns, in points, of the last trained stage: blank for a run without eval/results.json
@@ -307,6 +308,10 @@ def plot_validation(runs: list[dict], out: Path, plt, drawn: Drawn) -> Path:
     return _save(fig, out / "val_loss_vs_tokens.png", plt)
 
 
+# what a stage's training loss is over, by its data kind (the stage table's): the panels are not comparable
+TRAIN_LOSS_OF = {BLEND: "blend", CHAT: "assistant tokens", PREFERENCE: "DPO loss on preference pairs"}
+
+
 def plot_train_loss(runs: list[dict], out: Path, plt, drawn: Drawn) -> Path:
     stages = [s for s in TRAINED_STAGES if any(s in r["stages"] for r in runs)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4), squeeze=False)
@@ -315,7 +320,7 @@ def plot_train_loss(runs: list[dict], out: Path, plt, drawn: Drawn) -> Path:
             log = run["stages"].get(stage, {}).get("log", [])
             drawn.series("loss_vs_tokens.png", ax, run["name"], [r[CONSUMED_TOKENS] for r in log],
                          [r["train/loss"] for r in log], panel=stage, color=color)
-        what = "blend" if stage == "cpt" else "assistant tokens"
+        what = TRAIN_LOSS_OF[stage_row(stage).data_kind]
         ax.set_xlabel(f"{stage} tokens"), ax.set_ylabel(f"{stage} train loss ({what})"), ax.set_title(f"{stage} train loss")
         ax.grid(alpha=0.3), ax.legend(fontsize=7)
     return _save(fig, out / "loss_vs_tokens.png", plt)
