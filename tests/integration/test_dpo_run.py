@@ -218,5 +218,7 @@ def test_compare_shows_the_reward_accuracy_of_the_dpo_run(dpo_run, tmp_path):
     out = dpo_run[0]
     _cli("compare", str(out), str(out.parent / "smoke"), "--output", str(tmp_path))
     table = (tmp_path / "compare.md").read_text()
-    header, _, dpo_row, smoke_row = table.splitlines()[:4]
+    lines = table.splitlines()
+    start = lines.index("## Runs (last stage against base)") + 2  # the runs table, after its heading and a blank
+    header, _, dpo_row, smoke_row = lines[start:start + 4]
     assert "reward_acc" in header and " -> " in dpo_row and "n/a" in smoke_row.split("|")[-2]

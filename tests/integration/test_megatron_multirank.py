@@ -3,8 +3,8 @@
 Each "GPU" of cluster.gpus_per_node is a CPU process that torchrun starts, as the local executor does for a
 multi-rank stage (run/plan.py); the collectives run on gloo. The runs are CPT stages, siblings in the
 Megatron tier's group (conftest.megatron_run), with the same global batch as the one-process reference:
-  data parallel 2 (the distributed optimizer shards its state over the two ranks), tensor parallel 2, and
-  TP2 x DP2 on 4 ranks (slow: 4 processes on 2 cores);
+  data parallel 2 (the distributed optimizer shards its state over the two ranks), tensor parallel 2 (slow;
+  CI trains TP2 in the resharded case), and TP2 x DP2 on 4 ranks (slow: 4 processes on 2 cores);
   a CPT stopped at TP2 after a checkpoint and resumed in one process (the torch_dist checkpoint loaded with
   another layout), and a DP2 one resumed at TP2 (slow).
 Equal within TOLERANCE (relative) in every training and validation loss, and the PEFT adapters NeMo's
@@ -136,7 +136,9 @@ def check_equal(runs, stage_dir: Path, label: str, tmp: Path):
     return found, metrics
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", pytest.param("tp2dp2", marks=pytest.mark.slow)])
+# CI runs dp2 and, through the resharded case below, two TP2 steps; the rest is `slow` (make test-all)
+@pytest.mark.parametrize("layout", ["dp2", pytest.param("tp2", marks=pytest.mark.slow),
+                                    pytest.param("tp2dp2", marks=pytest.mark.slow)])
 def test_layout_equals_one_process(runs, layout, tmp_path):
     stage_dir = runs[3](f"mrank_{layout}", layout)
     _, metrics = check_equal(runs, stage_dir, layout, tmp_path)
