@@ -23,9 +23,16 @@ def is_rank_zero() -> bool:
     return global_rank() == 0
 
 
-def wait_for_all_ranks() -> None:
-    """A barrier across the stage's ranks, where a process group is up (nothing to wait for otherwise)."""
+def several_ranks() -> bool:
+    """Whether a process group of more than one rank is up (torch.distributed, once the trainer set it up)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wait_for_all_ranks() -> None:
+    """A barrier across the stage's ranks, where a process group is up (nothing to wait for otherwise)."""
+    if several_ranks():
+        import torch.distributed as dist
+
         dist.barrier()

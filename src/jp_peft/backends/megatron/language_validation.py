@@ -70,9 +70,11 @@ class LanguageValidation(pl.Callback):
                 out[lang] = total / count
         finally:
             pl_module.train(was_training)
-        import torch.distributed as dist
+        from jp_peft.training.ranks import several_ranks
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if several_ranks():
+            import torch.distributed as dist
+
             # Every rank measures the same blocks with the same model: tensor-parallel ranks share one result,
             # data-parallel ones agree up to summation order. Rank 0's values are what every rank records and
             # early stopping decides on, so all ranks stop at the same step.
