@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 MEGATRON_OVERRIDES = ["cpt.train.max_steps=16", "cpt.train.val_check_interval=8", "cpt.train.limit_val_batches=4",
                       "cpt.train.ckpt_every_n_steps=8", "sft.train.max_steps=10", "sft.train.val_check_interval=5",
                       "sft.train.limit_val_batches=4", "sft.train.ckpt_every_n_steps=5",
-                      "eval.limit=40"]  # the preset scores every item (minutes per model); 40 as before
+                      "eval.limit=12"]  # as conftest.SMOKE_EVAL_LIMIT: the preset scores every item (minutes per model)
 
 
 def megatron_experiment(*args, env=None, timeout=1200):

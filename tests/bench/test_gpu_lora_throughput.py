@@ -4,7 +4,7 @@ unit: the Qwen2.5-0.5B architecture it builds (jp_peft.models.shapes), the stati
 known inputs, logit and weight comparisons, the sweep (order, out-of-memory, time budget, best micro
 batch) with trials faked at the process boundary, the device run's plan (every step budgeted, 540 s in
 all) and its command line, and report.py's GPU table (tiny/CPU results are never rendered).
-megatron_cpu: `--tiny` end to end on CPU: every configuration, the parity run's export, the parity
+megatron_cpu, slow: `--tiny` end to end on CPU: every configuration, the parity run's export, the parity
 numbers and every documented field of the results file.
 """
 
@@ -454,6 +454,8 @@ def test_report_renders_the_gpu_table_from_gpu_results_only(tmp_path, monkeypatc
 
 
 # --- the --tiny run, end to end on NeMo's CPU path -----------------------------------------------
+# `slow` (about 4 minutes; make test-all): the device run's rehearsal. Run it before a device run:
+#   pytest -m slow tests/bench/test_gpu_lora_throughput.py
 
 @pytest.fixture(scope="module")
 def tiny_results(tmp_path_factory, tiny_base):
@@ -470,6 +472,7 @@ def tiny_results(tmp_path_factory, tiny_base):
 
 
 @pytest.mark.megatron_cpu
+@pytest.mark.slow
 def test_tiny_run_measures_every_configuration(tiny_results):
     result, stdout, _ = tiny_results
     assert result["mode"] == "tiny-cpu" and result["complete"] is True and result["failed_step"] is None
@@ -493,6 +496,7 @@ def test_tiny_run_measures_every_configuration(tiny_results):
 
 
 @pytest.mark.megatron_cpu
+@pytest.mark.slow
 def test_tiny_run_parity_numbers(tiny_results):
     parity = tiny_results[0]["parity"]
     agreement = parity["nemo_vs_peft"]
@@ -510,6 +514,7 @@ def test_tiny_run_parity_numbers(tiny_results):
 
 
 @pytest.mark.megatron_cpu
+@pytest.mark.slow
 def test_tiny_results_file_has_every_documented_field(tiny_results, monkeypatch):
     result, _, out = tiny_results
     assert list(result) == list(results.RESULT_FIELDS)

@@ -10,8 +10,9 @@ from statistics import fmean
 import pytest
 
 pytestmark = pytest.mark.integration
-JA = ["jpeft_jcqa", "jpeft_jnli", "jpeft_marc"]
-EN = ["jpeft_en_mc"]
+# The smoke preset's tasks: the JGLUE-style sets and the continuation sets (recipes/configs/smoke.yaml).
+JA = ["jpeft_jcqa", "jpeft_jnli", "jpeft_marc", "jpeft_ja_cont"]
+EN = ["jpeft_en_mc", "jpeft_en_cont"]
 
 
 def _read(path):

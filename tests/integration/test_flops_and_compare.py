@@ -46,7 +46,8 @@ def test_compare_two_runs_writes_table_and_plots(smoke_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = (out / "compare.md").read_text()
     assert "| smoke |" in table and "| smoke-rank8 |" in table
-    assert "lora.rank" in table.splitlines()[0]  # the config difference is a column
+    runs_header = next(line for line in table.splitlines() if line.startswith("| run |"))  # the runs table, first
+    assert "lora.rank" in runs_header  # the config difference is a column
     assert "ja_gain_%" in table and "en_forgetting_%" in table
     rows = json.loads((out / "compare.json").read_text())
     assert [r["lora.rank"] for r in rows] == [32, 8]

@@ -61,8 +61,8 @@ def test_eval_run_has_a_table_per_model_and_the_averages(smoke_run):
     ident = run["run"]
     assert (ident["group"], ident["name"]) == ("smoke", "eval:smoke") and {"smoke", "eval"} <= set(ident["tags"])
     logged = {key: value for row in run["history"] for key, value in row.items()}
-    for key in ("eval/base", "eval/cpt", "eval/sft", "eval/samples"):  # tables: one row per task, or per prompt
-        assert logged[f"{key}/_type"] == "table-file" and logged[f"{key}/nrows"] == (20 if key == "eval/samples" else 4)
+    for key in ("eval/base", "eval/cpt", "eval/sft", "eval/samples"):  # tables: one row per task (4 JA + 2 EN), or per prompt
+        assert logged[f"{key}/_type"] == "table-file" and logged[f"{key}/nrows"] == (20 if key == "eval/samples" else 6)
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())["downstream"]["models"]
