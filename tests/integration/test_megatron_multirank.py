@@ -160,3 +160,81 @@ def test_stopped_layout_resumes_resharded(runs, first, then, tmp_path):
     metrics = json.loads((stage_dir / "metrics.json").read_text())
     assert f"-step={STOP_STEP - 1}-" in metrics["resumed_from"], metrics
     check_equal(runs, stage_dir, f"{first}_then_{then}", tmp_path)
+
+
+def test_early_stopping_on_two_ranks_stops_every_rank_where_one_process_stops(runs, tmp_path):
+    """A crafted curve (min_delta 100: the first validation, at step 2, is the best there will be; patience 1)
+    stops one process at step 4 of 8; on DP2 both ranks stop there too, decided from rank 0's broadcast
+    validation loss (LanguageValidation), so no rank waits in a collective the other never reaches: the stage
+    ends, exit 0, well inside its timeout."""
+    run_dir, env, _, _ = runs
+    stopped = {}
+    for layout in ("one", "dp2"):
+        spec_path = layout_spec(run_dir, f"mrank_early_{layout}", layout, tmp_path)
+        spec = json.loads(spec_path.read_text())
+        spec["cpt"]["train"].update(max_steps=8, early_stopping_patience=1, early_stopping_min_delta=100.0)
+        spec_path.write_text(json.dumps(spec))
+        proc = run_cpt(spec_path, env)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        stage_dir = run_dir.parent / f"mrank_early_{layout}" / "cpt"
+        metrics = json.loads((stage_dir / "metrics.json").read_text())
+        assert [row[0] for row in val_losses(stage_dir)] == [0, 2, 4]
+        stopped[layout] = (metrics["steps"], metrics["early_stopped_at_step"], sorted(train_losses(stage_dir)))
+        assert "at step 2" in metrics["stop_reason"], metrics["stop_reason"]
+    assert stopped["dp2"] == stopped["one"] == (4, 4, [1, 2, 3, 4]), stopped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_a_two_rank_stage_saves_every_shard_and_the_resume_equals_one_process(runs, sig, tmp_path):
+    """Ctrl-C (or SIGTERM) to the launcher of a DP2 CPT, as a user sends it: the local executor's torchrun
+    passes it to both ranks, which save their shards of a `-last` checkpoint at the end of the step they are in
+    and exit; the launcher exits 130, no process of the run is left, and the same command resumes the stage to
+    its end with every loss equal to the one-process run of the same spec (within TOLERANCE)."""
+    import subprocess
+    import time
+
+    run_dir, env, _, _ = runs
+    name = f"mrank_signal_{sig.name.lower()}"
+    overrides = ["--stages", "cpt", "--output-dir", str(run_dir.parent), "--name", name, f"group={run_dir.name}",
+                 "--no-wandb", "lora.dropout=0.0", "cluster.gpus_per_node=2", "cpt.train.max_steps=12",
+                 "cpt.train.warmup_steps=1", "cpt.train.val_check_interval=6", "cpt.train.ckpt_every_n_steps=100",
+                 "cpt.train.limit_val_batches=2"]
+    command = [sys.executable, str(Path(__file__).resolve().parents[2] / "experiments/qwen_lora_ja.py"),
+               "--executor", "local", "--smoke", "--backend", "megatron", *overrides]
+    launcher = subprocess.Popen(command, cwd=run_dir.parent, env={**env, "WANDB_MODE": "disabled"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = run_dir.parent / name / "cpt" / "train_log.jsonl"
+    deadline = time.time() + 900
+    while time.time() < deadline and launcher.poll() is None:
+        if log.exists() and sum('"train/loss"' in line for line in log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    launcher.send_signal(sig)
+    sent = time.time()
+    output = launcher.communicate(timeout=300)[0]
+    print(f"two-rank stage, {sig.name}: launcher exit {launcher.returncode} {time.time() - sent:.0f} s after the signal")
+    assert launcher.returncode == 130, output[-3000:]
+    assert "Resume with the same command" in output, output[-3000:]
+    stage_dir = run_dir.parent / name / "cpt"
+    saved = sorted(p.name for p in (stage_dir / "nemo" / "checkpoints").glob("*-last"))
+    assert len(saved) == 1 and not (stage_dir / "metrics.json").exists(), saved
+    time.sleep(1)
+    left = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert [line for line in left.splitlines() if f"--name {name}" in line or f"/{name}/" in line] == []
+
+    resumed = subprocess.run(command, cwd=run_dir.parent, env={**env, "WANDB_MODE": "disabled"}, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and metrics["resumed_from"], metrics
+    one = layout_spec(run_dir, f"{name}_one", "one", tmp_path)
+    spec = json.loads(one.read_text())
+    spec["cpt"]["train"].update(max_steps=12, val_check_interval=6, ckpt_every_n_steps=100)
+    one.write_text(json.dumps(spec))
+    assert run_cpt(one, env).returncode == 0
+    got, ref = train_losses(stage_dir), train_losses(run_dir.parent / f"{name}_one" / "cpt")
+    assert sorted(got) == sorted(ref) == list(range(1, 13))
+    found = max(relative_difference(got[s], ref[s]) for s in ref)
+    print(f"two-rank stage stopped by {sig.name} and resumed: loss relative difference against one process {found:.2e}")
+    assert found <= TOLERANCE

@@ -177,55 +177,159 @@ def relative_difference(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def test_megatron_cpu_smoke_runs_through_slurm_on_two_ranks_and_equals_one_process(cluster, tmp_path, tiny_base):
-    """NeMo's real Megatron path on the CPU tier, as Slurm jobs: the CPT stage is one task on one node in which
-    torchrun starts two gloo ranks (cluster.gpus_per_node=2: data parallel 2), no GPU requested and a CPU per
-    rank; afterok dependencies, the same records and parity checks as the local run. import, data, cpt and
-    cpt's export only: the whole chain on Slurm is test_stages_complete_in_dependency_order's (hf) and every
-    Megatron stage is the local tier's, so this adds what only it proves, in a third of the time. Its CPT trains what
-    one process trains from the same spec (run here, the CPT stage only, in the run's group): every training and
-    validation loss within 1e-4 relative. LoRA dropout 0: with dropout each rank draws masks for its own micro
-    batches (test_megatron_multirank.py)."""
-    from megatron_tier import run_in_own_group, train_losses, val_losses
+MEGATRON_SLURM = ["--smoke", "--backend", "megatron", *SHORT, "lora.dropout=0.0"]
 
-    env = {**os.environ, "NEMO_HOME": str(tmp_path / "nemo_home"), "WANDB_MODE": "offline"}
-    proc = subprocess.run([*EXPERIMENT, "--smoke", "--backend", "megatron", "--wait", "--output-dir", str(tmp_path),
-                           "--stages", "import,data,cpt,export", *SHORT, "cluster.gpus_per_node=2", "lora.dropout=0.0"],
+
+@pytest.fixture(scope="module")
+def megatron_slurm(cluster, tmp_path_factory, tiny_base):
+    """The Megatron CPU smoke's import, data, cpt and cpt's export as Slurm jobs, the CPT on two gloo ranks in one
+    node (cluster.gpus_per_node=2: data parallel 2), and the one-process CPT of the same spec in its group (the
+    reference the multi-rank layouts equal). LoRA dropout 0: with dropout each rank draws masks for its own
+    micro batches (test_megatron_multirank.py). import..export only: the whole chain on Slurm is
+    test_stages_complete_in_dependency_order's (hf) and every Megatron stage is the local tier's."""
+    from megatron_tier import run_in_own_group
+
+    out = tmp_path_factory.mktemp("megatron_slurm")
+    env = {**os.environ, "NEMO_HOME": str(out / "nemo_home"), "WANDB_MODE": "offline"}
+    proc = subprocess.run([*EXPERIMENT, *MEGATRON_SLURM, "--wait", "--output-dir", str(out),
+                           "--stages", "import,data,cpt,export", "cluster.gpus_per_node=2"],
                           capture_output=True, text=True, timeout=1800, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-    jobs = submitted_jobs(proc.stdout)
-    assert list(jobs) == ["smoke-import", "smoke-data", "smoke-cpt", "smoke-export-cpt"], list(jobs)
-    assert [job_info(jobs[name])["JobState"] for name in jobs] == ["COMPLETED"] * 4
-    run_dir = tmp_path / "smoke"
-    for stage, steps in (("cpt", 8),):
-        info = job_info(jobs[f"smoke-{stage}"])
-        assert (info["NumNodes"], info["NumTasks"], info["NumCPUs"]) == ("1", "1", "2"), info
-        assert "--nproc-per-node 2 " in Path(info["Command"]).read_text(), info["Command"]  # the sbatch script
-        assert json.loads((run_dir / stage / "metrics.json").read_text())["steps"] == steps
-        checks = json.loads((run_dir / stage / "export.json").read_text())["checks"]
-        assert [c["check"] for c in checks] == ["trained_vs_nemo_merged", "nemo_merged_vs_hf_merged",
-                                                "peft_adapter_vs_hf_merged"]
-        assert all(c["ok"] is True and c["max_abs_diff"] <= 1e-4 for c in checks), checks
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["backend"] == "megatron" and summary["stages"][0]["ja_ppl_after"] < summary["stages"][0]["ja_ppl_before"]
-
+    assert "4/4 tasks finished" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-3000:]
+    run_dir = out / "smoke"
     spec = json.loads((run_dir / "spec.json").read_text())
     assert spec["cluster"]["gpus_per_node"] == 2 and spec["lora"]["dropout"] == 0.0
     spec.update(name="slurm-one-process", group=run_dir.name, stages=["cpt"])
     spec["cluster"]["gpus_per_node"] = 1
-    spec_path = tmp_path / "one_process.json"
+    spec_path = out / "one_process.json"
     spec_path.write_text(json.dumps(spec))
     one = run_in_own_group([sys.executable, "-m", "jp_peft.cli", "stage", "cpt", "--spec", str(spec_path)],
                            {**env, "WANDB_MODE": "disabled"})
     assert one.returncode == 0, one.stdout[-4000:] + one.stderr[-4000:]
-    got, ref = train_losses(run_dir / "cpt"), train_losses(tmp_path / "slurm-one-process" / "cpt")
+    return out, proc, env
+
+
+def _relative_differences_to_one_process(out: Path, run: str) -> dict:
+    from megatron_tier import train_losses, val_losses
+
+    got, ref = train_losses(out / run / "cpt"), train_losses(out / "slurm-one-process" / "cpt")
     assert sorted(got) == sorted(ref) == list(range(1, 9))  # every step once: rank 0 alone writes
-    got_val, ref_val = val_losses(run_dir / "cpt"), val_losses(tmp_path / "slurm-one-process" / "cpt")
+    got_val, ref_val = val_losses(out / run / "cpt"), val_losses(out / "slurm-one-process" / "cpt")
     assert [row[0] for row in got_val] == [row[0] for row in ref_val] and len(ref_val) >= 2
-    found = {"loss": max(relative_difference(got[s], ref[s]) for s in ref),
-             "val": max(relative_difference(g, r) for gr, rr in zip(got_val, ref_val) for g, r in zip(gr[1:], rr[1:]))}
-    print(f"megatron slurm dp2: relative differences against one process: {json.dumps(found)}")
+    return {"loss": max(relative_difference(got[s], ref[s]) for s in ref),
+            "val": max(relative_difference(g, r) for gr, rr in zip(got_val, ref_val) for g, r in zip(gr[1:], rr[1:]))}
+
+
+def _stage_log(out: Path, run: str, stage: str, job: str) -> str:
+    """Every log of one stage's job: the sbatch output and srun's per-attempt logs (launches/ of the run's
+    group directory: a run in another run's group launches from there)."""
+    logs = list(out.glob(f"*/launches/**/*{run}-{stage}_{job}*.out"))
+    assert logs, list(out.glob("*/launches/**/*.out"))
+    return "".join(path.read_text(errors="replace") for path in logs)
+
+
+def test_megatron_cpu_smoke_runs_through_slurm_on_two_ranks_and_equals_one_process(megatron_slurm):
+    """NeMo's real Megatron path on the CPU tier, as Slurm jobs: the CPT stage is one task on one node in which
+    torchrun starts two gloo ranks, no GPU requested and a CPU per rank; afterok dependencies, the same records
+    and parity checks as the local run. Its CPT trains what one process trains from the same spec: every
+    training and validation loss within 1e-4 relative."""
+    out, proc, _ = megatron_slurm
+    jobs = submitted_jobs(proc.stdout)
+    assert list(jobs) == ["smoke-import", "smoke-data", "smoke-cpt", "smoke-export-cpt"], list(jobs)
+    assert [job_info(jobs[name])["JobState"] for name in jobs] == ["COMPLETED"] * 4
+    run_dir = out / "smoke"
+    info = job_info(jobs["smoke-cpt"])
+    assert (info["NumNodes"], info["NumTasks"], info["NumCPUs"]) == ("1", "1", "2"), info
+    assert "--nproc-per-node 2 " in Path(info["Command"]).read_text(), info["Command"]  # the sbatch script
+    assert json.loads((run_dir / "cpt" / "metrics.json").read_text())["steps"] == 8
+    checks = json.loads((run_dir / "cpt" / "export.json").read_text())["checks"]
+    assert [c["check"] for c in checks] == ["trained_vs_nemo_merged", "nemo_merged_vs_hf_merged",
+                                            "peft_adapter_vs_hf_merged"]
+    assert all(c["ok"] is True and c["max_abs_diff"] <= 1e-4 for c in checks), checks
+    log = _stage_log(out, "smoke", "cpt", jobs["smoke-cpt"])
+    for rank in (0, 1):  # both ranks in the one node, each saying where it runs
+        assert re.search(rf"cpt: rank {rank}/2 on node\d, node rank 0, local rank {rank}", log), log[-3000:]
+    found = _relative_differences_to_one_process(out, "smoke")
+    print(f"megatron slurm dp2 (one node, two ranks): relative differences against one process: {json.dumps(found)}")
     assert found["loss"] <= 1e-4 and found["val"] <= 1e-4, found
+
+
+def test_megatron_cpt_on_two_nodes_equals_one_process(megatron_slurm):
+    """cluster.num_nodes=2, one rank per node: the rendered sbatch asks for two nodes and runs torchrun on each
+    (rendezvous at the head node, node rank from SLURM_NODEID); rank 0 runs on node1 and rank 1 on node2, and
+    the CPT equals the one-process CPT of the same spec within 1e-4 relative (data parallel 2 across nodes)."""
+    out, _, env = megatron_slurm
+    proc = subprocess.run([*EXPERIMENT, *MEGATRON_SLURM, "--wait", "--output-dir", str(out), "--stages", "cpt",
+                           "--name", "two-nodes", "group=smoke", "cluster.num_nodes=2", "wandb.enabled=false"],
+                          capture_output=True, text=True, timeout=1200, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    job = submitted_jobs(proc.stdout)["two-nodes-cpt"]
+    info = job_info(job)
+    assert (info["JobState"], info["NumNodes"], info["NumTasks"]) == ("COMPLETED", "2", "2"), info
+    assert info["NodeList"] == "node[1-2]", info
+    script = Path(info["Command"]).read_text()
+    print("the two-node job's sbatch script:\n" + script)
+    assert "#SBATCH --nodes=2" in script and "--nnodes 2 --nproc-per-node 1 --node-rank $SLURM_NODEID" in script
+    log = _stage_log(out, "two-nodes", "cpt", job)
+    placements = sorted(set(re.findall(r"cpt: (rank \d/2 on node\d, node rank \d), local rank 0", log)))
+    print(f"two-node placements: {placements}")
+    assert placements == ["rank 0/2 on node1, node rank 0", "rank 1/2 on node2, node rank 1"], log[-3000:]
+    found = _relative_differences_to_one_process(out, "two-nodes")
+    print(f"megatron slurm two nodes x one rank: relative differences against one process: {json.dumps(found)}")
+    assert found["loss"] <= 1e-4 and found["val"] <= 1e-4, found
+
+
+def _processes_of_job_on_node(job: str, node_id: int) -> list[int]:
+    """PIDs of the job's task processes on one node (their environment names the job and the node; slurmstepd
+    itself has slurmd's environment, so it is never among them)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(item.split("=", 1) for item in environ.read_bytes().decode(errors="replace").split("\0")
+                       if "=" in item)
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_NODEID") == str(node_id) and "SLURM_STEP_ID" in env:
+            pids.append(int(environ.parent.name))
+    return pids
+
+
+def test_a_two_node_job_that_loses_a_node_fails_fast_with_its_log(megatron_slurm):
+    """Every task process of node2 killed in the middle of a two-node CPT (what a node that dies does to its
+    ranks): srun's --kill-on-bad-exit ends the other node's rank too and the job FAILS within a minute, not at
+    its time limit and not requeued; the launcher says so and its log names the lost task."""
+    out, _, env = megatron_slurm
+    args = [*MEGATRON_SLURM, "--output-dir", str(out), "--stages", "cpt", "--name", "lost-node", "group=smoke",
+            "cluster.num_nodes=2", "wandb.enabled=false", "cpt.train.max_steps=2000", "cpt.train.val_check_interval=1000"]
+    launcher = subprocess.Popen([*EXPERIMENT, *args, "--wait"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    log = out / "lost-node" / "cpt" / "train_log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and launcher.poll() is None:
+        if log.exists() and sum('"train/loss"' in line for line in log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    assert launcher.poll() is None, launcher.communicate()
+    squeue = subprocess.run(["squeue", "-h", "-n", "jp-peft.lost-node-cpt", "-o", "%i"], capture_output=True, text=True)
+    job = squeue.stdout.split()[0]
+    victims = _processes_of_job_on_node(job, 1)
+    assert victims, f"no task process of job {job} on node2"
+    killed_at = time.time()
+    for pid in victims:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    stdout, stderr = launcher.communicate(timeout=300)
+    info = job_info(job)
+    ended = time.time() - killed_at
+    print(f"lost node: job {job} {info['JobState']} {ended:.0f} s after node2's {len(victims)} processes were killed")
+    assert launcher.returncode == 1, stdout[-3000:] + stderr[-3000:]
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
+    assert ended < 120, ended
+    assert "FAILED: lost-node-cpt: FAILED" in stderr, stderr[-3000:]
+    text = _stage_log(out, "lost-node", "cpt", job)
+    assert re.search(r"node2: task 1: Killed|task 1 .*[Kk]illed", text), text[-3000:]
 
 
 def test_a_failed_job_cancels_its_whole_chain_of_dependents_even_without_kill_invalid_depend(cluster, tmp_path):

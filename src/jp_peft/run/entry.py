@@ -108,8 +108,10 @@ def _summary(report: dict) -> dict:
 # --- training and export (the backend's) ------------------------------------------------------
 
 def run_train(exp: ExperimentSpec, stage: str, recipe=None):
-    from jp_peft.training.ranks import is_rank_zero, wait_for_all_ranks
+    from jp_peft.training.ranks import is_rank_zero, placement, wait_for_all_ranks
 
+    if where := placement():
+        _log(f"{stage}: {where}")
     metrics = backend_of(exp).train(exp, stage, recipe)
     metrics = dataclasses.replace(metrics, spec_fingerprint=fingerprint(exp, stage))
     wait_for_all_ranks()  # every rank finished training before the record says the stage is done

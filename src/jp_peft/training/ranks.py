@@ -23,6 +23,19 @@ def is_rank_zero() -> bool:
     return global_rank() == 0
 
 
+def placement() -> str | None:
+    """Where this rank runs, from the launcher's environment ("rank 1/2 on node2, node rank 1, local rank 0"),
+    or None for a one-process stage. Every rank prints it at the start of a stage, so a log shows which node
+    each rank of a multi-node job ran on (Slurm's SLURMD_NODENAME: on the dev cluster both nodes share one
+    host name)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) <= 1:
+        return None
+    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    return (f"rank {global_rank()}/{world} on {node}, node rank {os.environ.get('GROUP_RANK', '0')}, "
+            f"local rank {os.environ.get('LOCAL_RANK', '0')}")
+
+
 def several_ranks() -> bool:
     """Whether a process group of more than one rank is up (torch.distributed, once the trainer set it up)."""
     import torch.distributed as dist
