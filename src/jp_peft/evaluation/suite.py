@@ -51,7 +51,7 @@ def suite_problems(exp: ExperimentSpec) -> list[str]:
             problems += [f"eval.{field}: {line}" for line in exc.lines if line.split(":")[0] not in fetchable]
             unfetched.update({name: field for name in exc.fetchable})
     if unfetched:
-        problems.insert(0, missing_data_line(unfetched, ev.data_dir))
+        problems.append(missing_data_line(unfetched, ev.data_dir))
     both = sorted(set(names.get("tasks_ja", [])) & set(names.get("tasks_en", [])))
     if both:
         problems.append(f"eval.tasks_en: {', '.join(both)} also in eval.tasks_ja (a task counts for one language)")
