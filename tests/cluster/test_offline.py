@@ -64,13 +64,18 @@ def test_every_path_a_job_uses_must_lie_under_a_mount_at_its_own_path(tmp_path):
     profile = load_profile(str(_profile(root)))
     # the bundled data sources ({repo}/data/...) are outside `root`: mount the checkout too
     spec = _spec(root, f"model.name={model}")
-    outside = offline_problems(profile, spec)
-    assert outside and all("container_mounts: " in line and "is under no mount's host side" in line for line in outside)
-    assert any("cpt.data.val_ja_source " in line for line in outside), outside
-    sources = sorted({line.split("container_mounts: ")[1].split(" ")[1] for line in outside})
-    checkout = Path(sources[0]).parents[2]  # <checkout>/data/ja/x.jsonl (or resources/data/...)
+    (outside,) = offline_problems(profile, spec)  # one line for every path no mount holds
+    assert outside.startswith(f"{profile.path}: container_mounts: no mount's host side holds ")
+    val_ja = str(spec.cpt.data.val_ja_source[0])
+    assert f"cpt.data.val_ja_source, sft.data.val_ja_source {val_ja};" in outside, outside
+    assert outside.endswith(f"(mounts: {root}:{root}, {root}/nemo_home:/root/.cache/nemo): jobs in the container "
+                            "could not see them; mount each at its own path (HOST:HOST) or move it")
+    checkout = Path(val_ja).parents[2]  # <checkout>/data/ja/x.jsonl (or resources/data/...)
     mounted = dataclasses.replace(profile, container_mounts=(*profile.container_mounts, f"{checkout}:{checkout}"))
     assert offline_problems(mounted, spec) == []
+    away = offline_problems(mounted, _spec(root, f"model.name={model}", f"output_dir={tmp_path}/elsewhere"))
+    # the run directory, once: its data/ (cpt.data.val_ja, ...) lies under it
+    assert [p.split(" holds ")[1].split(" (mounts")[0] for p in away] == [f"output_dir {tmp_path}/elsewhere"]
 
     elsewhere = dataclasses.replace(mounted, container_mounts=(f"{root}/runs:/workspace/runs",
                                                                *mounted.container_mounts[1:]))
@@ -78,8 +83,8 @@ def test_every_path_a_job_uses_must_lie_under_a_mount_at_its_own_path(tmp_path):
     assert line == (f"{profile.path}: container_mounts: output_dir {root}/runs is mounted at /workspace/runs, not at "
                     f"its own path, and jobs open it as written: mount {root}/runs:{root}/runs")
     eval_data = offline_problems(mounted, _spec(root, f"model.name={model}", "eval.data_dir=/data/lm-eval"))
-    assert [p.split(" is under")[0] for p in eval_data] == [
-        f"{profile.path}: container_mounts: eval.data_dir /data/lm-eval"]
+    assert [p.split(" (mounts")[0] for p in eval_data] == [
+        f"{profile.path}: container_mounts: no mount's host side holds eval.data_dir /data/lm-eval"]
 
 
 def test_a_cache_in_the_profiles_env_must_be_mounted_inside_the_container(tmp_path):

@@ -50,15 +50,21 @@ def offline_problems(profile: SlurmProfile, spec: ExperimentSpec) -> list[str]:
         return problems  # bare metal: the nodes see the paths the login node sees (a shared filesystem)
     pairs = mounts(profile)
     listed = ", ".join(profile.container_mounts) or "none"
+    unmounted: dict[PurePosixPath, list[str]] = {}  # path -> its fields; one line for all of them
     for field_name, raw in job_paths(spec):
         path = PurePosixPath(raw)
         mount = next(((h, c) for h, c in pairs if _under(path, h)), None)
         if mount is None:
-            problems.append(f"{profile.path}: container_mounts: {field_name} {raw} is under no mount's host side "
-                            f"({listed}): a job in the container could not see it; mount it or move it")
+            # a path under one already named (the run directory's data/ under output_dir) adds nothing
+            if not any(_under(path, known) for known in unmounted if known != path):
+                unmounted.setdefault(path, []).append(field_name)
         elif mount[0] != mount[1]:
             problems.append(f"{profile.path}: container_mounts: {field_name} {raw} is mounted at {mount[1]}, not at "
                             f"its own path, and jobs open it as written: mount {mount[0]}:{mount[0]}")
+    if unmounted:
+        named = "; ".join(f"{', '.join(fields)} {path}" for path, fields in unmounted.items())
+        problems.append(f"{profile.path}: container_mounts: no mount's host side holds {named} (mounts: {listed}): "
+                        "jobs in the container could not see them; mount each at its own path (HOST:HOST) or move it")
     for key in CACHE_ENV:
         value = profile.env.get(key)
         if value and "$" not in value and not any(_under(PurePosixPath(value), c) for _, c in pairs):
