@@ -106,6 +106,11 @@ def test_the_launch_refuses_before_any_file_is_written_and_the_dry_run_warns(tmp
     devnull = open(os.devnull)  # the dry run renders sbatch scripts through invoke, which reads stdin
     monkeypatch.setattr(sys, "stdin", devnull)
     monkeypatch.setattr(executors, "use_slurm_conf", lambda profile: None)  # no Slurm needed to be refused
+    stub = tmp_path / "bin"  # were the check gone, the launch would reach sbatch: this one submits nothing
+    stub.mkdir()
+    (stub / "sbatch").write_text("#!/bin/sh\necho 'stub sbatch: the launch was not refused' >&2\nexit 97\n")
+    (stub / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub}{os.pathsep}{os.environ['PATH']}")
     profile = _profile(tmp_path)
     values = load_preset("qwen25_500m_ja")
     overrides = [f"output_dir={tmp_path}/runs", "stages=[import]"]
