@@ -325,7 +325,7 @@ def test_pyxis_jobs_install_the_pins_into_their_own_container_and_check_them_the
     assert not profile.container_image.endswith(":25.09")  # NeMo 2.5 inside: not the pinned stack
     for task in tasks:
         lines = scripts[task.name].splitlines()
-        install = lines.index(f"{step} bash -ec 'pip install -q -e /workspace/jp-peft "
+        install = lines.index(f"{step} bash -ec 'pip install -q -e /lustre/fsw/my_account/jp-peft "
                               f"\"torch==$(python -c \"import torch; print(torch.__version__)\")\"' || exit 1")
         check = next(i for i, line in enumerate(lines) if line.startswith(f"{step} python -c "))
         stage = next(i for i, line in enumerate(lines) if line.startswith("srun --output"))

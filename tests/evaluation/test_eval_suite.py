@@ -24,18 +24,29 @@ def test_bundled_suite_of_the_smoke_preset_is_ready(tmp_path):
     assert suite_problems(_spec(tmp_path)) == []
 
 
-def test_each_task_without_data_is_one_line_naming_the_field_and_how_to_provide_it(tmp_path):
+def test_hub_tasks_without_data_are_one_line_naming_the_fetch_command(tmp_path):
     problems = suite_problems(_spec(tmp_path, "eval.tasks_en=[jpeft_en_mc,hellaswag,arc_easy]"))
-    assert [p.split(":")[0:2] for p in problems] == [["eval.tasks_en", " hellaswag"], ["eval.tasks_en", " arc_easy"]]
-    assert all("eval.data_dir=DATA_DIR" in p and "download_task_data" in p for p in problems)
-    assert "hellaswag/validation.jsonl (evaluated)" in problems[0]
+    assert problems == ["eval.tasks_en: hellaswag, arc_easy read Hub data sets, never downloaded at run time, and "
+                        "eval.data_dir is not set: run `jp-peft eval fetch-data DATA_DIR --tasks hellaswag,arc_easy` "
+                        "on a machine with network, then pass eval.data_dir=DATA_DIR"]
     data = tmp_path / "lm_eval_data"
     (data / "hellaswag").mkdir(parents=True)
     (data / "hellaswag" / "validation.jsonl").write_text("{}\n")
     problems = suite_problems(_spec(tmp_path, "eval.tasks_en=[hellaswag,arc_easy]", f"eval.data_dir={data}"))
-    assert len(problems) == 1 and problems[0].startswith(f"eval.tasks_en: arc_easy: no test (evaluated) in {data}")
-    with pytest.raises(SpecError, match="eval.tasks_en: arc_easy"):
+    assert problems == [f"eval.tasks_en: eval.data_dir={data} lacks the files of arc_easy: run "
+                        f"`jp-peft eval fetch-data {data} --tasks arc_easy` on a machine with network "
+                        "(`jp-peft eval --data-dir` names each file)"]
+    with pytest.raises(SpecError, match="eval.tasks_en: eval.data_dir=.* lacks the files of arc_easy"):
         check_suite(_spec(tmp_path, "eval.tasks_en=[hellaswag,arc_easy]", f"eval.data_dir={data}"))
+
+
+def test_the_production_preset_without_eval_data_is_refused_in_one_line(tmp_path):
+    """The README's real-model launch on a fresh machine: one line, the fetch command with no --tasks (its
+    default is this preset's tasks), both fields named."""
+    exp = resolve_spec(load_preset("qwen25_500m_ja"), [f"output_dir={tmp_path}"])
+    (line,) = suite_problems(exp)
+    assert line.startswith("eval.tasks_ja, eval.tasks_en: ja_leaderboard_jcommonsenseqa, ")
+    assert "`jp-peft eval fetch-data DATA_DIR` on a machine with network, then pass eval.data_dir=DATA_DIR" in line
 
 
 @pytest.mark.parametrize("overrides, line", [

@@ -78,7 +78,8 @@ def test_each_production_task_without_data_gets_one_line():
     assert lines == err.value.lines
     wanted = [*T.JA_LEADERBOARD_MC, *T.ENGLISH_TASKS]
     assert [line.split(":")[0] for line in lines] == wanted
-    assert all("--data-dir" in line and "download_task_data" in line for line in lines)
+    assert all("--data-dir" in line and "`jp-peft eval fetch-data DATA_DIR --tasks " in line for line in lines)
+    assert err.value.fetchable == wanted
     assert "Rakuten/JGLUE (JCommonsenseQA)" in lines[0] and "validation.jsonl (evaluated)" in lines[0]
     assert "train.jsonl (3-shot pool)" in lines[0]
 
@@ -123,26 +124,6 @@ def test_production_task_reads_data_dir_through_lm_evals_own_yaml(tmp_path, jnli
     assert [d["sentence1"] for d in docs] == [r["sentence1"] for r in jnli_rows]
     assert task.doc_to_text(docs[0]).startswith("### 指示：\n与えられた前提と仮説の関係を回答")
     assert task.doc_to_choice(docs[0]) == ["含意", "矛盾", "中立"]
-
-
-def test_download_task_data_writes_the_layout_check_available_reads(tmp_path, monkeypatch, jnli_rows):
-    import datasets
-
-    calls = []
-
-    def fake_load_dataset(path, name=None, **kwargs):
-        calls.append((path, name))
-        return datasets.DatasetDict({split: datasets.Dataset.from_list(jnli_rows)
-                                     for split in ("train", "validation")})
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    written = T.download_task_data("ja_leaderboard_jnli", tmp_path)
-    assert calls == [("Rakuten/JGLUE", "JNLI")]
-    assert written == {"validation": tmp_path / "ja_leaderboard_jnli/validation.jsonl",
-                       "train": tmp_path / "ja_leaderboard_jnli/train.jsonl"}
-    rows = [json.loads(line) for line in written["validation"].read_text(encoding="utf-8").splitlines()]
-    assert rows == jnli_rows
-    assert [s.name for s in T.check_available("ja_leaderboard_jnli", tmp_path)] == ["ja_leaderboard_jnli"]
 
 
 def test_include_path_task_with_missing_local_file_is_refused(tmp_path):

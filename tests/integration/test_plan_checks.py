@@ -65,8 +65,8 @@ def test_a_profile_with_the_examples_placeholders_is_refused_before_anything_is_
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = next(line for line in proc.stderr.splitlines() if "placeholder" in line)
     assert "h100_pyxis.yaml: still holds the example profile's placeholder values" in line
-    for field in ("account: my_account", "container_mounts[0]: /lustre/fsw/my_account/jp-peft:/workspace/jp-peft",
-                  "container_mounts[2]: /lustre/fsw/my_account/nemo_home:/root/.cache/nemo"):
+    for field in ("account: my_account", "container_mounts[0]: /lustre/fsw/my_account/jp-peft:/lustre/fsw/my_account/jp-peft",
+                  "container_mounts[4]: /lustre/fsw/my_account/nemo_home:/root/.cache/nemo"):
         assert field in line, line
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
     ssh = _run("--executor", "slurm", "--slurm-profile", "baremetal_venv", "--smoke", "--output-dir", "runs",

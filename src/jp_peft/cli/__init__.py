@@ -17,6 +17,7 @@ EPILOG = """examples:
   jp-peft export adapter --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/hf_adapter
   jp-peft export nemo --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/model.nemo
   jp-peft compare runs/smoke runs/smoke-rank8 --output runs/compare
+  jp-peft eval fetch-data /data/lm-eval        # the production tasks' data, on a machine with network
   jp-peft wandb sync runs/smoke
   jp-peft wandb workspace runs/smoke-replay_ratio0 runs/smoke-replay_ratio0.3
 The experiment itself: jp-peft run --help (= python experiments/qwen_lora_ja.py --help)"""
@@ -52,6 +53,10 @@ def main(argv=None) -> int:
         from jp_peft.cli.run import main as run_main
 
         return run_main(argv[1:])
+    if argv[:2] == ["eval", "fetch-data"]:  # beside `jp-peft eval --model ...`, whose options it does not share
+        from jp_peft.evaluation.fetch_data import main as fetch_main
+
+        return fetch_main(argv[2:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

@@ -145,8 +145,25 @@ class SlurmProfile:
     # The cluster's slurm.conf, for a cluster whose commands do not find it by themselves (the dev cluster of
     # slurm/local/ keeps its own, not /etc/slurm's): see use_slurm_conf. A SLURM_CONF already set wins.
     slurm_conf: str | None = None
+    # The light stages (import, data, export, eval: one process, at most one GPU) ask for these instead of a
+    # training node; unset, each is the training field's value (partition, time, exclusive, mem) or, for
+    # light_gpus, one GPU where nodes have them.
+    light_partition: str | None = None
+    light_gpus: int | None = None
+    light_time: str | None = None
+    light_exclusive: bool | None = None
+    light_mem: str | None = None
 
     REQUIRED = ("account", "partition")
+
+    def light_request(self) -> dict[str, Any]:
+        """partition, gpus, time, exclusive, mem of a light stage's job."""
+        pick = lambda light, default: default if light is None else light  # noqa: E731
+        return {"partition": pick(self.light_partition, self.partition),
+                "gpus": pick(self.light_gpus, min(self.gpus_per_node, 1)),
+                "time": pick(self.light_time, self.time),
+                "exclusive": pick(self.light_exclusive, self.exclusive),
+                "mem": pick(self.light_mem, self.mem)}
 
 
 # The example values the bundled site profiles ship with (h100_pyxis, baremetal_venv): a job submitted with
@@ -209,10 +226,13 @@ def load_profile(name_or_path: str) -> SlurmProfile:
         if key not in fields:
             raise ProfileError(f"{path}: unknown field {key!r}; known: {', '.join(sorted(fields))}")
     for key, kind in (("env", dict), ("tunnel", dict), ("container_mounts", list), ("setup", list),
-                      ("container_setup", list)):
+                      ("container_setup", list), ("light_gpus", int), ("light_exclusive", bool)):
         if values.get(key) is not None and not isinstance(values[key], kind):
-            raise ProfileError(f"{path}: {key} must be a {'mapping' if kind is dict else 'list'}, "
-                               f"not {values[key]!r}")
+            what = {dict: "a mapping", list: "a list", int: "a whole number", bool: "true or false"}[kind]
+            raise ProfileError(f"{path}: {key} must be {what}, not {values[key]!r}")
+    if values.get("light_gpus") is not None and not 0 <= values["light_gpus"] <= values.get("gpus_per_node", 8):
+        raise ProfileError(f"{path}: light_gpus: {values['light_gpus']} is not between 0 and gpus_per_node "
+                           f"({values.get('gpus_per_node', 8)})")
     for key in SlurmProfile.REQUIRED:
         if values.get(key) in (None, ""):
             raise ProfileError(f"{path}: required field {key!r} is missing")
@@ -324,7 +344,8 @@ def secret_setup_lines(profile: SlurmProfile) -> list[str]:
 
 
 def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: int | None = None,
-                   gpus_per_node: int | None = None, env: dict[str, str] | None = None, on_cpu: bool = False):
+                   gpus_per_node: int | None = None, env: dict[str, str] | None = None, on_cpu: bool = False,
+                   light: bool = False):
     """A NeMo-Run SlurmExecutor for one stage. `job_dir` must be the experiment's base_dir
     (NeMo-Run writes the sbatch script under base_dir and submits it from the tunnel's job_dir:
     when they differ, sbatch cannot open the script — NeMo-Run issue 299).
@@ -336,9 +357,15 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
     per node (`nodes`, default 1) in which torchrun starts `gpus_per_node` gloo ranks (default 1), but no GPU
     request; the task asks for a CPU per rank (or the profile's cpus_per_task, if more), so that a node
     holds its ranks and a site binding tasks to their CPUs does not put them all on one core.
+    light (import, data, export, eval): one task on the profile's light_* request (`light_request`), not a
+    training node; `gpus_per_node` is then ignored.
     """
     nprocs = None
     cpus_per_task = profile.cpus_per_task
+    request = {"partition": profile.partition, "time": profile.time, "exclusive": profile.exclusive, "mem": profile.mem}
+    if light:
+        request = profile.light_request()
+        gpus_per_node = request.pop("gpus")
     if torchrun and on_cpu:
         nodes, gpus, nprocs = nodes or 1, 0, gpus_per_node or 1
         if nprocs > 1:
@@ -365,8 +392,8 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
     setup = [*profile.setup, *stack_setup_lines(profile), *secret_setup_lines(profile)]
     executor = run.SlurmExecutor(
         account=profile.account,
-        partition=profile.partition,
-        time=profile.time,
+        partition=request["partition"],
+        time=request["time"],
         nodes=nodes,
         ntasks_per_node=1,
         # NeMo-Run's default is ntasks_per_node: the count of torchrun's processes must follow the GPUs instead.
@@ -374,8 +401,8 @@ def slurm_executor(profile: SlurmProfile, job_dir: str, torchrun: bool, nodes: i
         gpus_per_node=gpus or None,
         cpus_per_task=cpus_per_task,
         qos=profile.qos,
-        mem=profile.mem,
-        exclusive=profile.exclusive or None,
+        mem=request["mem"],
+        exclusive=request["exclusive"] or None,
         container_image=profile.container_image,
         container_mounts=list(profile.container_mounts),
         signal=f"USR1@{profile.signal_before_timelimit_s}" if profile.signal_before_timelimit_s else None,

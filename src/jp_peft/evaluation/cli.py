@@ -12,8 +12,8 @@ lm-evaluation-harness, offline. Tasks (comma-separated; sets expand):
   ja_leaderboard_gen  its generation tasks (JAQKET v2, JSQuAD, MGSM, XL-Sum), opt-in
   en                  English: hellaswag, arc_easy, xwinograd_en
 Non-bundled tasks read DATA_DIR/<task>/<split>.jsonl (the Hub data set's rows; see
-src/jp_peft/evaluation/README.md); a task without its data is refused, one line each, before any
-model loads. Bad input exits 2."""
+src/jp_peft/evaluation/README.md; `jp-peft eval fetch-data DATA_DIR` writes them on a machine with network);
+a task without its data is refused, one line each, before any model loads. Bad input exits 2."""
 
 EPILOG = """examples:
   jp-peft eval --model runs/smoke/sft/hf_merged --tasks jpeft_jcqa --limit 10 --output runs/smoke/eval/sft

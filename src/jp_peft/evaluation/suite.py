@@ -34,7 +34,7 @@ def suite_problems(exp: ExperimentSpec) -> list[str]:
     absent = [p for p in ev.include_path if not Path(p).is_dir()]
     if absent:
         return [f"eval.include_path: {', '.join(absent)} is not a directory"]
-    problems, names = [], {}
+    problems, names, unfetched = [], {}, {}
     for field in ("tasks_ja", "tasks_en"):
         requested = getattr(ev, field)
         if not requested:
@@ -47,11 +47,33 @@ def suite_problems(exp: ExperimentSpec) -> list[str]:
         except UnknownTaskError as exc:
             problems.append(f"eval.{field}: {str(exc).replace('--include-path', 'eval.include_path')}")
         except MissingTaskDataError as exc:
-            problems += [f"eval.{field}: {line}" for line in exc.lines]
+            fetchable = set(exc.fetchable)
+            problems += [f"eval.{field}: {line}" for line in exc.lines if line.split(":")[0] not in fetchable]
+            unfetched.update({name: field for name in exc.fetchable})
+    if unfetched:
+        problems.append(missing_data_line(unfetched, ev.data_dir))
     both = sorted(set(names.get("tasks_ja", [])) & set(names.get("tasks_en", [])))
     if both:
         problems.append(f"eval.tasks_en: {', '.join(both)} also in eval.tasks_ja (a task counts for one language)")
     return problems
+
+
+def missing_data_line(unfetched: dict[str, str], data_dir: str | None) -> str:
+    """One line for every Hub task without its data (task -> its field), naming the command that writes them:
+    the launch of a preset whose data was never fetched says this once, not once per task."""
+    from jp_peft.evaluation.fetch_data import production_tasks
+    from jp_peft.evaluation.tasks import resolve_tasks
+
+    fields = ", ".join(f"eval.{f}" for f in dict.fromkeys(unfetched.values()))
+    default = [s.name for s in resolve_tasks(production_tasks())]
+    tasks = "" if sorted(unfetched) == sorted(default) else f" --tasks {','.join(unfetched)}"
+    if data_dir is None:
+        return (f"{fields}: {', '.join(unfetched)} read Hub data sets, never downloaded at run time, and eval.data_dir "
+                f"is not set: run `jp-peft eval fetch-data DATA_DIR{tasks}` on a machine with network, then pass "
+                "eval.data_dir=DATA_DIR")
+    return (f"{fields}: eval.data_dir={data_dir} lacks the files of {', '.join(unfetched)}: run "
+            f"`jp-peft eval fetch-data {data_dir}{tasks}` on a machine with network (`jp-peft eval --data-dir` "
+            "names each file)")
 
 
 def check_suite(exp: ExperimentSpec) -> None:

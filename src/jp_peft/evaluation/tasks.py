@@ -14,7 +14,7 @@ Three kinds of task, resolved by name:
   holding the Hub data set's rows unchanged (same columns), one file per split the task reads: the
   evaluated split (`test_split`, else `validation_split` of lm-eval's YAML) and, when the task runs
   few-shot, the few-shot pool (`fewshot_split`, else `training_split`, else `validation_split`).
-  `download_task_data(task, DATA_DIR)` writes exactly that on a machine with network.
+  `jp-peft eval fetch-data DATA_DIR` (`fetch_data.py`) writes exactly that on a machine with network.
 - your own: YAMLs in an include directory (`--include-path`). Local data (`data_files` that exist)
   is used as is; a Hub data set is read from DATA_DIR like a production task.
 
@@ -62,10 +62,12 @@ class UnknownTaskError(ValueError):
 
 
 class MissingTaskDataError(RuntimeError):
-    """Requested tasks whose data is not here; one line per task saying how to provide it."""
+    """Requested tasks whose data is not here; one line per task saying how to provide it. `fetchable`: the
+    tasks among them whose missing files `jp-peft eval fetch-data` writes (the launcher's one-line refusal)."""
 
-    def __init__(self, lines: Sequence[str]):
+    def __init__(self, lines: Sequence[str], fetchable: Sequence[str] = ()):
         self.lines = list(lines)
+        self.fetchable = list(fetchable)
         super().__init__("\n".join(self.lines))
 
 
@@ -211,37 +213,37 @@ def _local_data_files(config: dict[str, Any]) -> dict[str, str]:
 
 
 def _locate_data(source: TaskSource, data_dir: Path | None, num_fewshot: int | None,
-                 data_dir_option: str = "--data-dir DATA_DIR") -> tuple[str | None, dict]:
-    """(None, split files) when the task can run; (one line saying what to provide, {}) otherwise.
+                 data_dir_option: str = "--data-dir DATA_DIR") -> tuple[str | None, dict, bool]:
+    """(None, split files, False) when the task can run; (one line saying what to provide, {}, fetchable)
+    otherwise, fetchable when `jp-peft eval fetch-data` would provide what is missing (a Hub task's files).
     `data_dir_option` is how the caller's user sets the data directory (a flag, or a spec field)."""
     config = source.config
     if source.origin == "bundled":
-        return None, {}
+        return None, {}, False
     hub = _hub_dataset(config)
     if hub is None:  # an include-path YAML on local data: the files must exist (lm-eval resolves against cwd)
         absent = [f for f in _local_data_files(config).values() if not Path(f).exists()]
         if absent:
-            return f"{source.name}: data_files not found: {', '.join(absent)} (from {source.yaml_path})", {}
-        return None, {}
+            return f"{source.name}: data_files not found: {', '.join(absent)} (from {source.yaml_path})", {}, False
+        return None, {}, False
     splits = needed_splits(config, num_fewshot)
     if not splits:
-        return f"{source.name}: its YAML names neither test_split nor validation_split", {}
+        return f"{source.name}: its YAML names neither test_split nor validation_split", {}, False
     wanted = " and ".join(f"{s}.jsonl ({why})" for s, why in splits.items())
-    how = (f"on a machine with network, jp_peft.evaluation.tasks.download_task_data('{source.name}', DATA_DIR) "
-           "writes them")
+    how = f"on a machine with network, `jp-peft eval fetch-data DATA_DIR --tasks {source.name}` writes them"
     if data_dir is None:
         return (f"{source.name}: needs Hub data set {hub}, which is not bundled and is not downloaded here; "
-                f"pass {data_dir_option} holding {source.name}/{wanted}; {how}"), {}
+                f"pass {data_dir_option} holding {source.name}/{wanted}; {how}"), {}, source.origin == "production"
     task_dir = Path(data_dir) / source.name
     found, missing = _find_split_files(task_dir, list(splits))
     if missing:
         what = " and ".join(f"{s} ({splits[s]})" for s in missing)
         return (f"{source.name}: no {what} in {task_dir}/ (expects <split>.jsonl, .json, .parquet or .csv with the "
-                f"rows of Hub data set {hub}); {how}"), {}
+                f"rows of Hub data set {hub}); {how}"), {}, source.origin == "production"
     formats = {DATA_FORMATS[p.suffix] for p in found.values()}
     if len(formats) > 1:
-        return f"{source.name}: mixed file formats in {task_dir}/ ({', '.join(p.name for p in found.values())})", {}
-    return None, found
+        return f"{source.name}: mixed file formats in {task_dir}/ ({', '.join(p.name for p in found.values())})", {}, False
+    return None, found, False
 
 
 def check_available(tasks: str | Sequence[str], data_dir: str | Path | None = None, *,
@@ -251,9 +253,10 @@ def check_available(tasks: str | Sequence[str], data_dir: str | Path | None = No
     Raises UnknownTaskError, or MissingTaskDataError with one line per task that has no data."""
     sources = resolve_tasks(tasks, include_path)
     where = Path(data_dir) if data_dir else None
-    lines = [line for s in sources if (line := _locate_data(s, where, num_fewshot, data_dir_option)[0])]
+    located = {s.name: _locate_data(s, where, num_fewshot, data_dir_option) for s in sources}
+    lines = [line for line, _, _ in located.values() if line]
     if lines:
-        raise MissingTaskDataError(lines)
+        raise MissingTaskDataError(lines, fetchable=[name for name, (line, _, fetch) in located.items() if line and fetch])
     return sources
 
 
@@ -307,7 +310,7 @@ def render_tasks(dest: str | Path, tasks: str | Sequence[str], data_dir: str | P
         if source.origin == "bundled":
             data_files[source.name] = _render_bundled(source, include_dir, cache_dir)
             continue
-        _, found = _locate_data(source, Path(data_dir) if data_dir else None, num_fewshot)
+        _, found, _ = _locate_data(source, Path(data_dir) if data_dir else None, num_fewshot)
         if found:
             _render_local_override(source, found, include_dir, cache_dir)
             data_files[source.name] = found
@@ -327,25 +330,3 @@ def prepared_tasks(tasks: str | Sequence[str], data_dir: str | Path | None = Non
         yield render_tasks(tmp, tasks, data_dir, num_fewshot=num_fewshot, include_path=include_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def download_task_data(task: str, data_dir: str | Path, include_path: Sequence[str | Path] = ()) -> dict[str, Path]:
-    """On a machine with network: write DATA_DIR/<task>/<split>.jsonl for the evaluated split and the
-    few-shot pool of a Hub-backed task, in the layout `check_available` expects."""
-    import datasets
-
-    (source,) = resolve_tasks([task], include_path)
-    hub = _hub_dataset(source.config)
-    if source.origin == "bundled" or hub is None:
-        raise ValueError(f"{task}: its data is local already; nothing to download")
-    config = source.config
-    dataset = datasets.load_dataset(config["dataset_path"], config.get("dataset_name"),
-                                    **(config.get("dataset_kwargs") or {}))
-    splits = needed_splits(config, num_fewshot=max(1, config.get("num_fewshot") or 0))
-    out = {}
-    for split in splits:
-        path = Path(data_dir) / task / f"{split}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dataset[split].to_json(str(path), lines=True, force_ascii=False)
-        out[split] = path
-    return out

@@ -31,6 +31,10 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
     tasks = plan(values, overrides, sweep, stages, dryrun=dryrun)
     first = tasks[0].spec
     specs = list({t.spec.run_dir: t.spec for t in tasks}.values())
+    if executor == "slurm":  # a hub model on offline nodes, paths outside the container's mounts
+        from jp_peft.cluster.offline import check_offline
+
+        check_offline(profile, specs, dryrun)
     restart = check_reuse(specs, overwrite)  # a different spec is refused before anything starts
     check_eval_tasks(specs, dryrun)
     print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")

@@ -17,7 +17,7 @@ from jp_peft.backends import backend_of
 from jp_peft.export.deployability import unservable_adapter_warnings
 from jp_peft.records import layout as rundir
 from jp_peft.spec import ExperimentSpec, SpecError, parse_sweep, resolve_spec, variant_suffix, with_stages
-from jp_peft.spec.stages import EVAL, EXPORT, SHARED_STAGES, single_stage
+from jp_peft.spec.stages import EVAL, EXPORT, SHARED_STAGES, TRAIN, single_stage, stage as stage_row
 
 
 @dataclass
@@ -150,7 +150,10 @@ def executor_factory(kind: str, profile_name, base_dir: Path):
         if needs.distributed:
             return slurm_executor(profile, str(base_dir / "experiments"), torchrun=True, nodes=needs.nodes,
                                   gpus_per_node=needs.processes_per_node, on_cpu=needs.on_cpu)
-        # one-process stages (hf training and the light stages): one node, one task (one GPU if the partition has them)
+        # one-process stages: one node, one task. hf training takes one GPU of a training node (if it has them);
+        # the light stages (import, data, export, eval) the profile's light_* request
+        light = stage_row(task.stage).kind != TRAIN
         gpus = min(profile.gpus_per_node, 1)
-        return slurm_executor(profile, str(base_dir / "experiments"), torchrun=False, nodes=1, gpus_per_node=gpus)
+        return slurm_executor(profile, str(base_dir / "experiments"), torchrun=False, nodes=1, gpus_per_node=gpus,
+                              light=light)
     return for_task

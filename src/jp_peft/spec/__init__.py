@@ -5,6 +5,6 @@ from jp_peft.spec.fields import (ACCELERATORS, BACKENDS, HF_LORA_TARGETS, METHOD
                                  BlendEntry, ClusterSpec, DataSpec, EvalSpec, ExperimentSpec, LoraSpec, ModelSpec,
                                  SpecError, StageSpec, TrainSpec, WandbSpec, build, experiment_from_dict)
 from jp_peft.spec.resolve import (apply_overrides, inline_blend_files, load_blend, load_preset,  # noqa: F401
-                                  parse_sweep, preset_names, preset_path, read_spec_file, resolve_spec,
+                                  job_paths, parse_sweep, preset_names, preset_path, read_spec_file, resolve_spec,
                                   variant_suffix, with_stages)
 from jp_peft.spec.stages import SHARED_STAGES, STAGES, TRAINED_STAGES  # noqa: F401

@@ -193,32 +193,64 @@ def _expand_paths(node: Any, mapping: dict[str, str]) -> Any:
     return node
 
 
-def _absolute_data_paths(values: dict, cwd: Path) -> None:
-    """Data paths become absolute: tasks run in other directories (NeMo-Run job dirs, Slurm nodes)."""
-    def fix(path: str) -> str:
-        return str(path if Path(path).is_absolute() else (cwd / path).resolve())
+# The spec's path fields, one owner: made absolute at resolution, listed for the cluster's visibility check.
+DATA_FILE_KEYS = ("sft_train", "sft_val", "val_ja", "val_en", "train", "validation")  # train, validation: dpo
+DATA_SOURCE_KEYS = ("sft_source", "val_ja_source", "val_en_source", "train_source", "validation_source")
 
+
+def _map_data_paths(values: dict, change) -> None:
+    """Replace every data path of a spec's values (trained stages' data, eval data) with change(field, path)."""
     for stage in TRAINED_STAGES:
         data = values.get(stage, {}).get("data", {})
-        for key in ("sft_train", "sft_val", "val_ja", "val_en", "train", "validation"):  # train, validation: dpo
-            if isinstance(data.get(key), str):
-                data[key] = fix(data[key])
-        for key in ("sft_source", "val_ja_source", "val_en_source", "train_source", "validation_source"):
+        for key in DATA_FILE_KEYS:
+            if isinstance(data.get(key), str) and data[key]:
+                data[key] = change(f"{stage}.data.{key}", data[key])
+        for key in DATA_SOURCE_KEYS:
             if data.get(key):
-                data[key] = [fix(p) for p in data[key]]
+                data[key] = [change(f"{stage}.data.{key}", p) for p in data[key]]
         for entry in data.get("blend", []) or []:
             if isinstance(entry, dict):
-                entry["prefix"] = fix(entry["prefix"])
-                entry["source"] = [fix(p) for p in entry.get("source", [])]
+                label = f"{stage}.data.blend[{entry.get('name')}]"
+                if isinstance(entry.get("prefix"), str) and entry["prefix"]:
+                    entry["prefix"] = change(f"{label}.prefix", entry["prefix"])
+                entry["source"] = [change(f"{label}.source", p) for p in entry.get("source") or []]
     evaluation = values.get("eval", {})
     if isinstance(evaluation, dict):
         if isinstance(evaluation.get("data_dir"), str) and evaluation["data_dir"]:
-            evaluation["data_dir"] = fix(evaluation["data_dir"])
+            evaluation["data_dir"] = change("eval.data_dir", evaluation["data_dir"])
         if isinstance(evaluation.get("include_path"), list):
-            evaluation["include_path"] = [fix(p) if isinstance(p, str) and p else p for p in evaluation["include_path"]]
+            evaluation["include_path"] = [change("eval.include_path", p) if isinstance(p, str) and p else p
+                                          for p in evaluation["include_path"]]
+
+
+def _absolute_data_paths(values: dict, cwd: Path) -> None:
+    """Data paths become absolute: tasks run in other directories (NeMo-Run job dirs, Slurm nodes)."""
+    def fix(_field: str, path: str) -> str:
+        return str(path if Path(path).is_absolute() else (cwd / path).resolve())
+
+    _map_data_paths(values, fix)
     model = values.get("model", {})
     if isinstance(model.get("name"), str) and Path(model["name"]).exists():
-        model["name"] = fix(model["name"])
+        model["name"] = fix("model.name", model["name"])
+
+
+def job_paths(spec: ExperimentSpec) -> list[tuple[str, str]]:
+    """(field, path) for every path the run's jobs read or write: the run directory (output_dir: records,
+    checkpoints, exports, W&B), a local model directory, the data files and prefixes of its trained stages (their
+    sources when it has the data stage, which reads them), the eval data when it has the eval stage."""
+    found = [("output_dir", spec.output_dir)]
+    if spec.local_model_dir() is not None:
+        found.append(("model.name", str(spec.local_model_dir())))
+    used = tuple(f"{stage}." for stage in spec.trained_stages) + (("eval.",) if "eval" in spec.stages else ())
+
+    def collect(field_name: str, path: str) -> str:
+        source = field_name.endswith(("_source", ".source"))
+        if field_name.startswith(used) and (not source or "data" in spec.stages):
+            found.append((field_name, path))
+        return path
+
+    _map_data_paths(spec.to_dict(), collect)
+    return found
 
 
 def resolve_spec(values: dict, overrides: list[str], cwd: Path | None = None) -> ExperimentSpec:
