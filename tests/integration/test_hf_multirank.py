@@ -5,7 +5,7 @@ multi-rank stage, run/plan.py), Lightning's DDPStrategy joins them over gloo, an
 of the micro batches of every global batch (backends/hf/trainer.py training_step). The same global batch,
 the same data order: the per-step training losses, the validation losses and the exported PEFT adapter
 equal the one-process run's (smoke preset: 4 micro x 2 accumulation = 8 sequences a step; on 2 ranks 4 x 1
-each). LoRA dropout 0: with dropout each rank draws masks for its own micro batches. What differs is the
+each; the test uses micro batch 2, so each rank accumulates 2). LoRA dropout 0: with dropout each rank draws masks for its own micro batches. What differs is the
 order of floating-point sums (the gradient all-reduce, the loss reduction). Records, the W&B run and the
 exports are written once, by rank 0. The stages run in the smoke run's group (its data and imported base).
 """
@@ -28,22 +28,28 @@ MAX_STEPS = 4
 TOLERANCE, ADAPTER_TOLERANCE = 1e-4, 1e-5
 
 
-def _spec(group_dir: Path, name: str, ranks: int, tmp: Path) -> Path:
-    spec = resolve_spec(load_preset("smoke"), [
-        f"output_dir={group_dir.parent}", f"name={name}", f"group={group_dir.name}", "stages=[cpt]",
-        "wandb.enabled=false", "lora.dropout=0.0", f"cluster.gpus_per_node={ranks}", f"cpt.train.max_steps={MAX_STEPS}",
-        "cpt.train.warmup_steps=1", "cpt.train.val_check_interval=2", "cpt.train.ckpt_every_n_steps=2",
-        "cpt.train.limit_val_batches=2"])
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(spec.to_dict()))
-    return path
+def _overrides(group_dir: Path, name: str, ranks: int) -> list[str]:
+    return [f"output_dir={group_dir.parent}", f"name={name}", f"group={group_dir.name}", "stages=[cpt]",
+            "wandb.enabled=false", "lora.dropout=0.0", f"cluster.gpus_per_node={ranks}", f"cpt.train.max_steps={MAX_STEPS}",
+            "cpt.train.micro_batch_size=2", "cpt.train.warmup_steps=1", "cpt.train.val_check_interval=2",
+            "cpt.train.ckpt_every_n_steps=2", "cpt.train.limit_val_batches=2"]
 
 
-def _run(spec: Path, ranks: int) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-    return subprocess.run([sys.executable, *launcher, "-m", "jp_peft.cli", "stage", "cpt", "--spec", str(spec)],
-                          capture_output=True, text=True, timeout=900, cwd=REPO,
+def _run(group_dir: Path, name: str, ranks: int) -> subprocess.CompletedProcess:
+    """One process: the stage CLI. Two ranks: the experiment's local executor, which starts torchrun for a
+    multi-rank stage (what a user runs)."""
+    overrides = _overrides(group_dir, name, ranks)
+    if ranks == 1:
+        command = ["-m", "jp_peft.cli", "stage", "cpt", "--spec", str(_spec_file(overrides, group_dir.parent / f"{name}.json"))]
+    else:
+        command = [str(REPO / "experiments/qwen_lora_ja.py"), "--executor", "local", "--smoke", *overrides]
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=900, cwd=REPO,
                           env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def _spec_file(overrides: list[str], path: Path) -> Path:
+    path.write_text(json.dumps(resolve_spec(load_preset("smoke"), overrides).to_dict()))
+    return path
 
 
 def _rows(stage_dir: Path) -> list[dict]:
@@ -55,29 +61,26 @@ def _relative(a: float, b: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_and_two_ranks(smoke_run, tmp_path_factory):
+def one_and_two_ranks(smoke_run):
     group_dir = smoke_run[0]
-    tmp = tmp_path_factory.mktemp("hf_multirank")
     done = {}
     for name, ranks in (("hf_one", 1), ("hf_dp2", 2)):
-        spec = _spec(group_dir, name, ranks, tmp)
-        proc = _run(spec, ranks)
+        proc = _run(group_dir, name, ranks)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        done[name] = (group_dir.parent / name / "cpt", proc, spec)
+        done[name] = (group_dir.parent / name / "cpt", proc)
     return done
 
 
 def test_two_ddp_ranks_train_what_one_process_trains(one_and_two_ranks):
     from safetensors.torch import load_file
 
-    (one, _, _), (dp2, proc, _) = one_and_two_ranks["hf_one"], one_and_two_ranks["hf_dp2"]
+    (one, _), (dp2, proc) = one_and_two_ranks["hf_one"], one_and_two_ranks["hf_dp2"]
     ref = {r["trainer/global_step"]: r for r in _rows(one) if "train/loss" in r}
     got_rows = [r for r in _rows(dp2) if "train/loss" in r]
     assert [r["trainer/global_step"] for r in got_rows] == list(range(1, MAX_STEPS + 1))  # each step once: rank 0
     got = {r["trainer/global_step"]: r for r in got_rows}
     # the whole global batch's tokens and samples, as one process counts them
     assert all(got[s]["perf/consumed_tokens"] == ref[s]["perf/consumed_tokens"] for s in ref)
-    val = {k: [r[k] for r in _rows(path) if k in r] for path in (one, dp2) for k in ("val/ja_loss", "val/en_loss")}
     ref_val = [[r[k] for k in ("val/ja_loss", "val/en_loss")] for r in _rows(one) if "val/ja_loss" in r]
     got_val = [[r[k] for k in ("val/ja_loss", "val/en_loss")] for r in _rows(dp2) if "val/ja_loss" in r]
     assert len(got_val) == len(ref_val) >= 2, val
@@ -90,11 +93,12 @@ def test_two_ddp_ranks_train_what_one_process_trains(one_and_two_ranks):
     print(f"hf dp2: relative differences against one process: {json.dumps(found)}")
     assert found["loss"] <= TOLERANCE and found["val"] <= TOLERANCE and found["adapter"] <= ADAPTER_TOLERANCE, found
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
-    assert proc.stdout.count("cpt step 4/4") == 1  # progress printed once, by rank 0
+    assert proc.stdout.count("cpt step 4/4 loss") == 1  # progress printed once, by rank 0
 
 
 def test_two_ddp_ranks_write_each_record_once_and_export_what_they_trained(one_and_two_ranks):
-    dp2, proc, spec = one_and_two_ranks["hf_dp2"]
+    dp2, proc = one_and_two_ranks["hf_dp2"]
+    spec = dp2.parent / "spec.json"  # the launcher's resolved spec
     metrics = json.loads((dp2 / "metrics.json").read_text())
     assert metrics["steps"] == MAX_STEPS and metrics["backend"] == "hf"
     for rank in (0, 1):
