@@ -83,7 +83,7 @@ def test_two_ddp_ranks_train_what_one_process_trains(one_and_two_ranks):
     assert all(got[s]["perf/consumed_tokens"] == ref[s]["perf/consumed_tokens"] for s in ref)
     ref_val = [[r[k] for k in ("val/ja_loss", "val/en_loss")] for r in _rows(one) if "val/ja_loss" in r]
     got_val = [[r[k] for k in ("val/ja_loss", "val/en_loss")] for r in _rows(dp2) if "val/ja_loss" in r]
-    assert len(got_val) == len(ref_val) >= 2, val
+    assert len(got_val) == len(ref_val) >= 2, (got_val, ref_val)
     a, b = load_file(dp2 / "hf_adapter" / "adapter_model.safetensors"), load_file(one / "hf_adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     scale = max(float(v.abs().max()) for v in b.values())
