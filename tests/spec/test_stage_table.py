@@ -69,10 +69,28 @@ def test_a_stage_a_backend_does_not_run_is_refused_naming_the_field(tmp_path, mo
     resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=hf"])  # the backend it names runs it
 
 
-def test_the_hf_backend_refuses_several_devices_at_plan_time(tmp_path):
-    spec = resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=hf", "cluster.gpus_per_node=2"])
-    with pytest.raises(SpecError, match=r"cluster: the hf backend trains on one device \(num_nodes x gpus_per_node = 2\)"):
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.gpus_per_node=2", "cluster.tensor_parallel=2"],
+     r"cluster: the hf backend is data parallel only \(tensor_parallel=2\); use --backend megatron"),
+    (["cluster.gpus_per_node=2", "cpt.train.global_batch_size=12"],
+     r"cpt.train.global_batch_size: 12 is not divisible by micro_batch_size x data_parallel_size = 4 x 2"),
+    (["cluster.gpus_per_node=2", "model.quantization=nf4"], r"model.quantization: QLoRA on the hf backend trains on one device"),
+    (["cluster.gpus_per_node=2", "stages=[import,data,cpt,sft,dpo]"],
+     r"cluster: dpo \(TRL's DPO\) trains on one device on the hf backend"),
+], ids=["tensor-parallel", "batch-split", "qlora", "dpo"])
+def test_the_hf_backend_refuses_what_ddp_cannot_train_at_plan_time(tmp_path, overrides, message):
+    with pytest.raises(SpecError, match=message):  # the spec's own checks, or the backend's
+        spec = resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=hf", *overrides])
         backend_of(spec).validate(spec)
+
+
+def test_the_hf_backend_trains_on_several_devices_as_ddp_ranks_torchrun_starts(tmp_path):
+    spec = resolve_spec(load_preset("smoke"), [f"output_dir={tmp_path}", "backend=hf", "cluster.gpus_per_node=2"])
+    backend = backend_of(spec)
+    backend.validate(spec)  # 8 = 4 micro x 2 ranks: each rank trains one micro batch of every step
+    needs = backend.launch_needs(spec, "cpt")
+    assert (needs.nodes, needs.processes_per_node, needs.distributed) == (1, 2, True)
+    assert backend.launch_needs(spec, "export").processes_per_node == 1  # the light stages stay one process
 
 
 def test_recipes_compose_only_the_stages_they_have(tmp_path):

@@ -50,7 +50,8 @@ class StepMetrics(pl.Callback):
         # steps logged after that checkpoint (they are trained again): no step appears twice.
         self.consumed_tokens = int(getattr(pl_module, "consumed_tokens", 0))
         self.consumed_samples = trainer.global_step * pl_module.train_spec.global_batch_size
-        truncate_log(self.log_path, trainer.global_step)
+        if trainer.global_rank == 0:  # one writer of the stage's log (DDP: every rank runs this callback)
+            truncate_log(self.log_path, trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.step_start is None:
@@ -84,11 +85,13 @@ class StepMetrics(pl.Callback):
             "perf/peak_memory_mb": peak_memory_mb(),
             TFLOPS_PER_S: tflops,
         }
-        if self.peak:
-            row[MFU] = tflops / self.peak
+        if self.peak:  # the step's FLOPs ran on every rank's device: the share of all of them
+            row[MFU] = tflops / (self.peak * trainer.world_size)
         assert all(v is None or math.isfinite(v) for v in row.values()), f"non-finite metric at step {trainer.global_step}"
         self.history.append(row)
         self.step_seconds.append(seconds)
+        if trainer.global_rank != 0:  # the row is the same on every rank (the step loss is reduced)
+            return
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         print(progress_line(self.stage, trainer.global_step, trainer.max_steps, row["train/loss"],

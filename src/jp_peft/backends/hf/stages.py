@@ -17,6 +17,7 @@ def train(spec: ExperimentSpec, stage: str) -> StageMetrics:
     from jp_peft.backends.hf import methods as hf_methods
     from jp_peft.backends.hf.trainer import train_stage
     from jp_peft.export import parity
+    from jp_peft.training.ranks import is_rank_zero
     from jp_peft.training.wandb_run import log_adapter_artifact, wandb_logger
 
     rundir.stage_dir(spec, stage).mkdir(parents=True, exist_ok=True)
@@ -31,8 +32,12 @@ def train(spec: ExperimentSpec, stage: str) -> StageMetrics:
         resuming = last_checkpoint(rundir.trainer_checkpoints(spec, stage)) is not None
     else:
         resuming = rundir.trainer_last_checkpoint(spec, stage).exists()
-    logger = wandb_logger(spec, stage, resuming=resuming)
+    # Several ranks (DDP): one W&B run and one set of exports, by rank 0; the others return their metrics
+    # (run_train waits for every rank before rank 0 writes metrics.json)
+    logger = wandb_logger(spec, stage, resuming=resuming) if is_rank_zero() else None
     metrics, model, tokenizer = train_stage(spec, stage, base, [logger] if logger else [])
+    if not is_rank_zero():
+        return metrics
     written = hf_methods.export(model, tokenizer, base, rundir.hf_adapter(spec, stage), rundir.hf_merged(spec, stage))
     with torch.no_grad():
         ids = parity.held_out_ids(spec.stage(stage).data.val_ja)

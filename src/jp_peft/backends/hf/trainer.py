@@ -26,6 +26,7 @@ from jp_peft.records.metrics import LANGUAGES, STEP, StageMetrics, params_record
 from jp_peft.spec import ExperimentSpec, LoraSpec, TrainSpec
 from jp_peft.spec.stages import BLEND, CHAT, stage as stage_row
 from jp_peft.training.interrupt import StageInterrupted
+from jp_peft.training.ranks import is_rank_zero
 
 
 def resolve_precision(requested: str) -> str:
@@ -96,17 +97,32 @@ class TrainedStageModule(pl.LightningModule):
         return loss, int((labels != -100).sum())
 
     def training_step(self, batch, batch_idx):
-        """Gradient accumulation over micro batches, loss weighted by labelled tokens, clipping, one step."""
+        """Gradient accumulation over micro batches, loss weighted by labelled tokens, clipping, one step.
+
+        Data parallel (DDP, several ranks): every rank loads the whole global batch (the sampler is the one
+        process's, so a resumed run's position is the same) and trains its own contiguous share of the micro
+        batches. The weights are the labelled tokens over the whole global batch, and the loss is scaled by the
+        world size because DDP averages the gradients over ranks: the sum is what one process accumulates."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self.train_spec.micro_batch_size
+        world, rank = self.trainer.world_size, self.trainer.global_rank
         total_labels = int((batch["labels"] != -100).sum())
+        rows = batch["input_ids"].shape[0]
+        share = rows // world  # validate() makes the global batch a multiple of micro batch x ranks
+        mine = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
         step_loss = torch.zeros((), device=self.device)
-        for start in range(0, batch["input_ids"].shape[0], micro):
-            micro_batch = {k: v[start:start + micro] for k, v in batch.items()}
+        for start in range(0, share, micro):
+            micro_batch = {k: v[start:start + micro] for k, v in mine.items()}
             loss, count = self.forward_loss(micro_batch)
             weighted = loss * (count / max(total_labels, 1))
-            self.manual_backward(weighted)
+            # Lightning's DDP prepares the reducer at each manual_backward: every micro batch's gradient is
+            # averaged over the ranks and added to the accumulated (already averaged) one
+            self.manual_backward(weighted * world)
             step_loss += weighted.detach()
+        if world > 1:  # the step's loss over the whole global batch, as one process logs it
+            import torch.distributed as dist
+
+            dist.all_reduce(step_loss)
         params = [p for p in self.parameters() if p.requires_grad]
         max_norm = self.train_spec.grad_clip if self.train_spec.grad_clip > 0 else float("inf")
         self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # norm before clipping
@@ -202,6 +218,26 @@ def build_datasets(spec: ExperimentSpec, stage: str, tokenizer):
     return train_set, val_sets
 
 
+def ranks_of(spec: ExperimentSpec) -> dict:
+    """The trainer's devices, nodes and strategy. Several ranks (cluster.num_nodes x gpus_per_node > 1) are
+    DDP processes that torchrun started (run/plan.py), one per device: NCCL between GPUs, gloo between CPU
+    processes (the multi-rank CPU tier)."""
+    import os
+
+    world = spec.cluster.world_size
+    started = int(os.environ.get("WORLD_SIZE", "1"))
+    if started != world:
+        raise RuntimeError(f"cluster: the spec asks for {world} rank(s) (num_nodes x gpus_per_node) but the launcher "
+                           f"started {started}: run the stage through the experiment (it starts torchrun)")
+    if world == 1:
+        return {"devices": 1}
+    from lightning.pytorch.strategies import DDPStrategy
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return {"devices": spec.cluster.gpus_per_node, "num_nodes": spec.cluster.num_nodes,
+            "strategy": DDPStrategy(process_group_backend=backend)}
+
+
 def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
     """Train one stage; returns (StageMetrics, the trained model (PeftModel unless method full), the tokenizer)."""
     from transformers import AutoTokenizer
@@ -231,7 +267,8 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
     resume_from = last if last.exists() else None
     if resume_from is None:  # the base's own perplexities, before any training of this stage
         module.base_val = {lang: module.evaluate(lang, disable_adapter=True) for lang in val_sets}
-        train_log.unlink(missing_ok=True)
+        if is_rank_zero():
+            train_log.unlink(missing_ok=True)
 
     step_metrics = StepMetrics(train_log, model_flops_per_token(module.model, stage_spec), stage)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
@@ -239,7 +276,7 @@ def train_stage(spec: ExperimentSpec, stage: str, base_dir: str, loggers: list):
     early_stop = [EarlyStopping(train.early_stopping_patience, train.early_stopping_min_delta)] \
         if train.early_stopping_patience else []
     trainer = pl.Trainer(
-        accelerator="auto", devices=1, precision=precision, max_steps=train.max_steps, max_epochs=-1,
+        accelerator="auto", precision=precision, max_steps=train.max_steps, max_epochs=-1, **ranks_of(spec),
         val_check_interval=train.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=train.limit_val_batches, num_sanity_val_steps=0, logger=loggers or False,
         # StepSeed: each step's dropout masks are a function of (seed, step), so a resumed stage draws
