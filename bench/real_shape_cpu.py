@@ -114,7 +114,7 @@ def run_backend(backend: str, base: Path, work: Path, max_steps: int, env: dict)
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
     stage_started: dict[str, float] = {}
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: the log shows where a long run is
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sampler = TreeSampler(proc.pid)
         sampler.start()
