@@ -84,6 +84,9 @@ def data_section() -> list[str]:
                   f"**{mem['x4']['peak_rss_mb']:.0f} MB**: **{mem['ratio_x4_over_x1']:.3f}x** (bound: 1.3x), "
                   f"{mem['growth_bytes_per_extra_document']:.0f} bytes per extra kept document (the in-memory "
                   "MinHash index the pipeline replaced grew by about 3,400)."]
+    for backend, reason in r.get("failed", {}).items():
+        lines += ["", f"**{backend}: the run failed** (the results file holds its log's tail): "
+                  f"`{reason.strip().splitlines()[-1][:300]}`"]
     lines += ["", f"Source: `{path.relative_to(REPO)}`."]
     return lines
 
@@ -137,6 +140,66 @@ def smoke_section() -> list[str]:
     return [f"`{r['command']}` from an empty cache (tiny base built): **{r['wall_seconds']:.0f} s** on "
             f"{m['cpus']} CPUs{threads}{load}; CPT Japanese ppl {r['cpt_ja_ppl_before']:.1f} -> "
             f"{r['cpt_ja_ppl_after']:.1f}. Source: `{path.relative_to(REPO)}`."]
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value / 1e6:,.0f} MB"
+
+
+def real_shape_section() -> list[str]:
+    found = latest("real_shape_cpu")
+    if not found:
+        return ["_No results yet: run bench/real_shape_cpu.py._"]
+    path, r = found
+    m, b = r["machine"], r["base"]
+    load = (f", load average {m['load_average_before'][0]:.1f} before and {m['load_average_after'][0]:.1f} after"
+            if "load_average_after" in m else "")
+    lines = [f"Qwen2.5-0.5B's architecture with random weights and Qwen2.5's tokenizer (`python -m "
+             f"jp_peft.models.real_shape`: {b['params']:,} parameters, {_mb(b['bytes'])} on disk, fp32), through "
+             f"import -> data -> cpt -> export -> sft -> export -> eval on each backend, one after the other: the smoke "
+             f"preset with `model.name=DIR model.tiny=false`, {r['max_steps']} steps a stage, "
+             f"`{' '.join(r['overrides'])}`; {m['cpus']} CPUs{load} (other test runs shared the machine: wall times "
+             f"and s/step only indicative). Peak RSS: {r['rss_method']}, the stage's launcher (NeMo-Run) not counted; "
+             "the tree's sum counts pages that processes share (a forked worker, a memory-mapped checkpoint) once per "
+             "process, so it bounds the stage's memory from above and the largest process from below.", "",
+             "| backend | stage | wall s | peak RSS (tree) | largest process | s/step (median, steps 2..) |",
+             "|---|---|---|---|---|---|"]
+    for backend, rec in r["backends"].items():
+        for task, secs in rec["stage_seconds"].items():
+            peak = rec["peak_rss"].get(task, {})
+            stage = rec["stages"].get(task)
+            step = _num(stage["steps"]["median_s_per_step_after_first"], ".2f") if stage else ""
+            lines.append(f"| {backend} | {task} | {secs:.0f} | {_mb(peak.get('tree_rss_bytes'))} | "
+                         f"{_mb(peak.get('largest_process_rss_bytes'))} | {step} |")
+    lines += ["", "| backend | stage | checkpoints/ | hf_adapter | hf_merged | model.nemo | hf_merged: tie_word_embeddings, "
+              "lm_head stored, stored parameters | PEFT reload vs hf_merged (max abs logit diff) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for backend, rec in r["backends"].items():
+        for stage, st in rec["stages"].items():
+            by, hm, rl = st["bytes"], st["hf_merged"], st.get("peft_reload", {})
+            head = ("yes" + (", equal to embed_tokens" if hm["lm_head_equals_embed_tokens"] else ", differs from embed_tokens")
+                    if hm["lm_head_stored"] else "no")
+            reload = (f"{rl['max_abs_diff']:.2e} (top-1 agreement {rl['argmax_agreement']:.3f}, {rl['positions']} "
+                      "positions)" if "max_abs_diff" in rl else "failed")
+            lines.append(f"| {backend} | {stage} | {_mb(by['checkpoints'])} | {_mb(by['hf_adapter'])} | "
+                         f"{_mb(by['hf_merged'])} | {_mb(by['model.nemo'])} | {hm['tie_word_embeddings']}, {head}, "
+                         f"{hm['stored_parameters']:,} | {reload} |")
+    lines += ["", "Parity at the real shape (each export.json's checks, and the Megatron import's):", "",
+              "| backend | stage | check | max abs logit diff | tolerance |", "|---|---|---|---|---|"]
+    for backend, rec in r["backends"].items():
+        for check in rec["import"].get("parity", []):
+            lines.append(f"| {backend} | import | {check['check']} | {check['max_abs_diff']:.2e} | {check['atol']:.0e} |")
+        for stage, st in rec["stages"].items():
+            for check in st["parity"]:
+                lines.append(f"| {backend} | {stage} | {check['check']} | {check['max_abs_diff']:.2e} | "
+                             f"{check['atol']:.0e} |")
+        if rec["import"].get("bytes_nemo_checkpoint"):
+            lines += ["", f"{backend}: the imported NeMo checkpoint takes {_mb(rec['import']['bytes_nemo_checkpoint'])}."]
+    for backend, reason in r.get("failed", {}).items():
+        lines += ["", f"**{backend}: the run failed** (the results file holds its log's tail): "
+                  f"`{reason.strip().splitlines()[-1][:300]}`"]
+    lines += ["", f"Source: `{path.relative_to(REPO)}`."]
+    return lines
 
 
 GPU_NAMES = {"megatron": "jp-peft Megatron backend", "hf_backend": "jp-peft hf backend",
@@ -253,7 +316,8 @@ def main() -> int:
             *gpu_section(latest_gpu()), "",
             "## Data preparation (CPU)", "", *data_section(), "",
             "## Training throughput on CPU", "", *cpu_section(), "",
-            "## End-to-end smoke run", "", *smoke_section(), ""]
+            "## End-to-end smoke run", "", *smoke_section(), "",
+            "## Real-shape CPU tier", "", *real_shape_section(), ""]
     (REPO / "BENCHMARKS.md").write_text("\n".join(text))
     print(f"wrote {REPO / 'BENCHMARKS.md'}")
     return 0

@@ -23,26 +23,17 @@ def _fresh(out: Path) -> Path:
 
 
 def write_random_base(out: Path, seed: int = 0) -> dict:
-    """Qwen2.5-0.5B's architecture with random weights (transformers' own init), saved with a
-    Qwen2-compatible byte-level BPE tokenizer (jp_peft.tiny's: its ids are valid in the 152k vocabulary).
-    The weights are bf16 values, as in the real checkpoint (so a bf16 merge rounds only what LoRA added),
-    stored as fp32: NeMo 2.7.3's importer without Transformer Engine fails on a bf16 source (io/state.py
-    apply_transforms asserts on the dtypes of the local spec's norms). Throughput does not depend on
-    either: training runs bf16-mixed."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """Qwen2.5-0.5B's architecture with random weights (jp_peft.models.real_shape.write_random_weights: bf16
+    values stored as fp32, for the reason given there), saved with a Qwen2-compatible byte-level BPE tokenizer
+    (jp_peft.tiny's: its ids are valid in the 152k vocabulary). Throughput does not depend on either:
+    training runs bf16-mixed."""
+    from jp_peft.models.real_shape import write_random_weights
     from jp_peft.tiny import build_tokenizer
 
     tmp = _fresh(out)
     tmp.mkdir(parents=True)
     build_tokenizer(tmp)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(qwen25_05b_config(), torch_dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.to(torch.bfloat16).to(torch.float32))
-    model.save_pretrained(tmp, safe_serialization=True)
+    write_random_weights(tmp, qwen25_05b_config(), seed)
     os.replace(tmp, out)
     return {"source": "random weights from Qwen2.5-0.5B's config (transformers init, seed 0)",
             "dtype": "float32 holding bf16 values",

@@ -165,3 +165,25 @@ def test_megatron_on_cpu_is_only_for_the_tiny_model():
     spec = resolve_spec(load_preset(recipe.PRESET), ["cluster.accelerator=cpu"])  # a valid spec of fields ...
     with pytest.raises(SpecError, match="cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny"):
         backend_of(spec).validate(spec)  # ... that the backend refuses when the experiment is planned
+
+
+def test_megatron_on_cpu_takes_a_local_directory_of_the_recipe_architecture(tmp_path):
+    """The real-shape CPU tier: a local Qwen2.5-0.5B-shaped directory runs NeMo's Megatron path on CPU
+    (jp_peft.models.real_shape); a directory of another shape is still refused, naming model.name."""
+    import json
+
+    from jp_peft.backends import backend_of
+    from jp_peft.models.shapes import QWEN25_05B_HF_CONFIG
+    from jp_peft.spec import SpecError, load_preset, resolve_spec
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text(json.dumps(QWEN25_05B_HF_CONFIG))
+    spec = resolve_spec(load_preset(recipe.PRESET), ["cluster.accelerator=cpu", f"model.name={real}"])
+    backend_of(spec).validate(spec)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**QWEN25_05B_HF_CONFIG, "num_hidden_layers": 2}))
+    spec = resolve_spec(load_preset(recipe.PRESET), ["cluster.accelerator=cpu", f"model.name={other}"])
+    with pytest.raises(SpecError, match="model.name: .* is not the architecture the recipe builds: num_hidden_layers 2"):
+        backend_of(spec).validate(spec)

@@ -1,6 +1,6 @@
 """The NeMo Megatron backend: NVIDIA's nemo.collections.llm objects (compose.py, composed further by the
 recipes in jp_peft.recipes), run by stages.py; cpu.py gets NeMo's Megatron path past its CUDA assumptions
-for the embedded tiny model."""
+for the embedded tiny model and for a local Qwen2.5-0.5B-shaped directory (the real-shape CPU tier)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ NEEDS_CUDA = ("error: the NeMo Megatron backend needs a CUDA GPU and none was fo
               "--slurm-profile <profile>")
 
 
+def cpu_allowed(spec) -> bool:
+    """Whether NeMo's Megatron path may run on CPU for this spec's model: the embedded tiny model (--smoke, CI),
+    or a local model directory, whose architecture check_architecture holds to the recipe's (the real-shape
+    CPU tier: Qwen2.5-0.5B's shapes with random weights, jp_peft.models.real_shape). A hub id stays refused:
+    downloading and training the real model on CPU is a mistake, not a tier."""
+    return spec.model.tiny or spec.local_model_dir() is not None
+
+
 class MegatronBackend(Backend):
     name = "megatron"
 
@@ -27,9 +35,11 @@ class MegatronBackend(Backend):
                             "nemo.collections.llm does not have (no bitsandbytes/NF4 Qwen2); use --backend hf for "
                             "QLoRA, or drop model.quantization")
         if spec.cluster.accelerator == "cpu":
-            if not spec.model.tiny:
+            if not cpu_allowed(spec):
                 raise SpecError("cluster.accelerator: the Megatron backend runs on CPU only for the embedded tiny "
-                                "model (--smoke); a real model needs a GPU, or --backend hf")
+                                "model (--smoke) or a local model directory of the recipe's architecture (the "
+                                "real-shape CPU tier: model.name=$(python -m jp_peft.models.real_shape) "
+                                "model.tiny=false); a hub id needs a GPU, or --backend hf")
         # Each of cluster.gpus_per_node is a gloo rank on CPU (data and tensor parallel run there); the
         # per-language validation runs the model's whole forward in one process, so no pipeline split yet
         if spec.cluster.pipeline_parallel > 1:

@@ -1,8 +1,9 @@
 """What the Megatron backend's stages do when they run: import, train (a composed NeMo recipe), export.
 
 Every function here runs inside a stage's own process. On a machine without CUDA it first applies
-backends/megatron/cpu.py (the embedded tiny model only); on a GPU without Transformer Engine only
-its TE adaptations; on a GPU with TE nothing.
+backends/megatron/cpu.py (the embedded tiny model, or a local model directory: the real-shape tier,
+backends/megatron/__init__.py cpu_allowed); on a GPU without Transformer Engine only its TE adaptations;
+on a GPU with TE nothing.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def prepare_process(spec: ExperimentSpec) -> list[str]:
 
     if torch.cuda.is_available():
         return megatron_cpu.enable_for_gpu()
-    if not spec.model.tiny or spec.cluster.accelerator != "cpu":
+    from jp_peft.backends.megatron import cpu_allowed
+
+    if not cpu_allowed(spec) or spec.cluster.accelerator != "cpu":
         raise RuntimeError("no CUDA device in this process: the Megatron backend runs on CPU only for the "
-                           "embedded tiny model (--smoke, cluster.accelerator=cpu)")
+                           "embedded tiny model or a local model directory (the real-shape tier), with "
+                           "cluster.accelerator=cpu")
     return megatron_cpu.enable()
 
 
