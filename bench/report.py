@@ -198,6 +198,9 @@ def real_shape_section() -> list[str]:
     for backend, reason in r.get("failed", {}).items():
         lines += ["", f"**{backend}: the run failed** (the results file holds its log's tail): "
                   f"`{reason.strip().splitlines()[-1][:300]}`"]
+    missing = [b for b in ("hf", "megatron") if b not in r["backends"] and b not in r.get("failed", {})]
+    if missing:  # a file of one backend says so, rather than reading as both
+        lines += ["", f"**Not measured in this file: {', '.join(missing)}** (run `python bench/real_shape_cpu.py`)."]
     lines += ["", f"Source: `{path.relative_to(REPO)}`."]
     return lines
 
