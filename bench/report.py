@@ -18,6 +18,15 @@ def latest(prefix: str) -> tuple[Path, dict] | None:
     return (files[-1], json.loads(files[-1].read_text())) if files else None
 
 
+def failed_runs(results: dict) -> list[str]:
+    """A line per backend whose run failed (the results file keeps its log's tail): both benchmarks' sections."""
+    lines = []
+    for backend, reason in results.get("failed", {}).items():
+        lines += ["", f"**{backend}: the run failed** (the results file holds its log's tail): "
+                  f"`{reason.strip().splitlines()[-1][:300]}`"]
+    return lines
+
+
 def data_section() -> list[str]:
     found = latest("data_prepare")
     if not found:
@@ -84,9 +93,7 @@ def data_section() -> list[str]:
                   f"**{mem['x4']['peak_rss_mb']:.0f} MB**: **{mem['ratio_x4_over_x1']:.3f}x** (bound: 1.3x), "
                   f"{mem['growth_bytes_per_extra_document']:.0f} bytes per extra kept document (the in-memory "
                   "MinHash index the pipeline replaced grew by about 3,400)."]
-    for backend, reason in r.get("failed", {}).items():
-        lines += ["", f"**{backend}: the run failed** (the results file holds its log's tail): "
-                  f"`{reason.strip().splitlines()[-1][:300]}`"]
+    lines += failed_runs(r)
     lines += ["", f"Source: `{path.relative_to(REPO)}`."]
     return lines
 
@@ -195,9 +202,7 @@ def real_shape_section() -> list[str]:
                              f"{check['atol']:.0e} |")
         if rec["import"].get("bytes_nemo_checkpoint"):
             lines += ["", f"{backend}: the imported NeMo checkpoint takes {_mb(rec['import']['bytes_nemo_checkpoint'])}."]
-    for backend, reason in r.get("failed", {}).items():
-        lines += ["", f"**{backend}: the run failed** (the results file holds its log's tail): "
-                  f"`{reason.strip().splitlines()[-1][:300]}`"]
+    lines += failed_runs(r)
     missing = [b for b in ("hf", "megatron") if b not in r["backends"] and b not in r.get("failed", {})]
     if missing:  # a file of one backend says so, rather than reading as both
         lines += ["", f"**Not measured in this file: {', '.join(missing)}** (run `python bench/real_shape_cpu.py`)."]
