@@ -3,6 +3,9 @@
 Cluster profiles are YAML files under slurm/ (see slurm/README.md); a profile with a missing
 or unknown field fails here, naming it, before anything is submitted. Every Slurm job prints
 and checks its NeMo stack before its stage, and reads the W&B key where no trace can print it.
+
+Just over 400 lines: a profile's fields, their checks and the executors built from them are one contract
+(slurm/README.md's field table); what a profile's nodes can reach is apart (offline.py).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ complete, and never touches an input.
 The work runs as datatrove pipeline stages over shards of the input (`pipeline.py`), on datatrove's
 local executor or as Slurm array jobs (`engine.py`); the intermediate files live in a work
 directory (`workdir.py`) from which a rerun continues where an interrupted run stopped.
+
+Just over 400 lines: the argument checks, the run around the engine and the report are one contract
+(read == kept + rejected, checked before and reconciled after), and each piece that could stand alone
+already does (outputs.py, pipeline.py, engine.py, workdir.py).
 """
 
 from __future__ import annotations
