@@ -13,6 +13,8 @@ and tracebacks still point at upstream's file and line numbers.
 `enable()` refuses to run where CUDA is available: on a GPU nothing here changes behaviour.
 Upstream is frozen (2.7.3 is the last NeMo with `nemo.collections.llm`), so this list is final
 for the pinned versions; `tests/backends/megatron/test_megatron_cpu.py` checks every entry still applies.
+Over 400 lines because the list of adaptations is the module: one place to read everything jp-peft
+changes upstream.
 """
 
 from __future__ import annotations

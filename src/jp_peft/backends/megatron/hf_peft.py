@@ -18,6 +18,8 @@ structural zero, so the export is bit-exact in the checkpoint's own dtype. Anyth
 cannot express raises AdapterExportError naming the tensor or setting.
 
 Only torch is imported at import time; NeMo (~20 s to import) only in register_qwen2_hf_peft_exporter().
+Just over 400 lines: the fused layouts, their inverse and the exporter that applies them are one mapping,
+tested as one (tests/backends/megatron/test_hf_peft_exactness.py).
 """
 
 from __future__ import annotations
