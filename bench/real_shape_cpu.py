@@ -256,7 +256,7 @@ def bench_env(work: Path) -> dict:
 
 def measure_backend(backend: str, base: Path, work: Path, max_steps: int, env: dict) -> dict:
     """One backend's whole run and its records, plus PEFT's reload of each stage's adapter (the tests of
-    tests/integration/test_real_shape.py read the same record)."""
+    tests/integration/test_real_shape_pipeline.py read the same record)."""
     record = run_backend(backend, base, work, max_steps, env)
     run_dir = work / "runs" / f"shape-{backend}"
     for stage in TRAINED:

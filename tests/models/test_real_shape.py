@@ -1,6 +1,6 @@
 """The real-shape base's builder (jp_peft.models.real_shape), without building the 2 GB directory: the
 architecture it builds counted on the meta device, its weight writer on a small config, its tokenizer's ids
-against the config's. The built directory through the pipeline: tests/integration/test_real_shape.py."""
+against the config's. The built directory through the pipeline: tests/integration/test_real_shape_pipeline.py."""
 
 from __future__ import annotations
 

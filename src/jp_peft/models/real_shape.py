@@ -1,6 +1,6 @@
 """Qwen2.5-0.5B's exact architecture with seeded random weights and the real tokenizer, as a local HF directory.
 
-The real-shape CPU tier (bench/real_shape_cpu.py, tests/integration/test_real_shape.py) runs the whole
+The real-shape CPU tier (bench/real_shape_cpu.py, tests/integration/test_real_shape_pipeline.py) runs the whole
 pipeline on it: every shape the real checkpoint has (152k vocabulary, tied embeddings, 24 layers, GQA 14/2),
 nothing downloaded. Built once per cache directory and reused, like the tiny base (jp_peft.tiny):
 
