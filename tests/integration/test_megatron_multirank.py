@@ -162,6 +162,7 @@ def test_stopped_layout_resumes_resharded(runs, first, then, tmp_path):
     check_equal(runs, stage_dir, f"{first}_then_{then}", tmp_path)
 
 
+@pytest.mark.slow  # two more CPT runs; CI keeps dp2 and the resharded TP2 case
 def test_early_stopping_on_two_ranks_stops_every_rank_where_one_process_stops(runs, tmp_path):
     """A crafted curve (min_delta 100: the first validation, at step 2, is the best there will be; patience 1)
     stops one process at step 4 of 8; on DP2 both ranks stop there too, decided from rank 0's broadcast

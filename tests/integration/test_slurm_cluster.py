@@ -294,6 +294,7 @@ def _processes_of_job_on_node(job: str, node_id: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # a 2000-step two-node job killed midway: CI keeps the two-node equality above
 def test_a_two_node_job_that_loses_a_node_fails_fast_with_its_log(megatron_slurm):
     """Every task process of node2 killed in the middle of a two-node CPT (what a node that dies does to its
     ranks): srun's --kill-on-bad-exit ends the other node's rank too and the job FAILS at once, not at its time
