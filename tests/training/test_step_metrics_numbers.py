@@ -50,7 +50,8 @@ def test_a_known_step_logs_its_tokens_per_second_and_tflops(tmp_path, monkeypatc
     callback = StepMetrics(log, flops_per_token=2.0e9, stage="cpt")
     logger = FakeLogger()
     optimizer = SimpleNamespace(param_groups=[{"lr": 3e-4}])
-    trainer = SimpleNamespace(global_step=0, max_steps=10, optimizers=[optimizer], loggers=[logger])
+    trainer = SimpleNamespace(global_step=0, max_steps=10, optimizers=[optimizer], loggers=[logger], global_rank=0,
+                              world_size=1)
     module = SimpleNamespace(consumed_tokens=0, train_spec=SimpleNamespace(global_batch_size=4),
                              last_batch_tokens=1000, last_grad_norm=0.5)
     callback.on_train_start(trainer, module)
