@@ -14,7 +14,6 @@ never replaced silently: one whose sha256 matches the manifest is kept, any othe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jp_peft.resources import sha256_file
 from jp_peft.evaluation.tasks import (DATA_FORMATS, TaskSource, UnknownTaskError, _hub_dataset, needed_splits,
                                       resolve_tasks)
 
@@ -54,14 +54,6 @@ def fetch_splits(source: TaskSource) -> dict[str, str]:
     """split -> what it is for: the evaluated split and, whatever the run's shot count, the few-shot pool
     (a later eval.num_fewshot must not need another fetch)."""
     return needed_splits(source.config, num_fewshot=max(1, source.config.get("num_fewshot") or 0))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
@@ -135,7 +127,7 @@ def plan_files(data_dir: Path, sources: Sequence[TaskSource], manifest: dict[str
                         if (data_dir / source.name / f"{split}{ext}").exists()]
             rel = f"{source.name}/{split}.jsonl"
             recorded = (manifest["files"].get(rel) or {}).get("sha256")
-            if existing == [data_dir / rel] and recorded and sha256_of(existing[0]) == recorded and not overwrite:
+            if existing == [data_dir / rel] and recorded and sha256_file(existing[0]) == recorded and not overwrite:
                 continue  # fetched before and unchanged
             if existing and not overwrite:
                 why = "differs from its MANIFEST.json entry" if recorded else "is not in MANIFEST.json"
@@ -188,7 +180,7 @@ def _write_splits(data_dir: Path, source: TaskSource, splits: Sequence[str], row
         tmp = target.with_name(f".{target.name}.tmp")
         rows[split].to_json(str(tmp), lines=True, force_ascii=False)
         os.replace(tmp, target)  # a fetch stopped midway leaves no half file under the name the eval reads
-        entry = {"sha256": sha256_of(target), "bytes": target.stat().st_size, "rows": len(rows[split]),
+        entry = {"sha256": sha256_file(target), "bytes": target.stat().st_size, "rows": len(rows[split]),
                  "task": source.name, "split": split, "dataset": hub, "source": origin}
         manifest["files"][f"{source.name}/{split}.jsonl"] = entry
         _write_manifest(data_dir, manifest)
