@@ -90,6 +90,37 @@ def test_rerun_keeps_matching_files_and_refuses_changed_ones(tmp_path, source, c
     assert len(_rows(edited)) == 3
 
 
+def test_the_eval_stage_refuses_a_fetched_file_that_changed_since(tmp_path, source):
+    """What the launcher (plan time), the eval stage and `jp-peft eval` check before scoring: a file that no longer
+    matches its MANIFEST.json entry is refused, naming it and the command that fetches it again; a file the
+    manifest does not list (the user's own) is read as it is."""
+    from jp_peft.evaluation.suite import suite_problems
+    from jp_peft.spec import resolve_spec
+
+    root, _ = source
+    data = tmp_path / "lm-eval"
+    fetch_task_data(data, TASKS, root)
+    spec = resolve_spec(load_preset("smoke"), [f"eval.data_dir={data}", "eval.tasks_ja=[ja_leaderboard_jnli]",
+                                               "eval.tasks_en=[arc_easy]", "stages=[eval]"])
+    assert suite_problems(spec) == []
+    edited = data / "arc_easy/test.jsonl"
+    edited.write_bytes(edited.read_bytes().replace(b'"A"', b'"B"'))  # the answer keys changed by hand
+    (problem,) = suite_problems(spec)
+    assert problem.startswith(f"eval.tasks_en: arc_easy: {edited} differs from {data / MANIFEST} (sha256 ")
+    assert problem.endswith(f"fetch again with `jp-peft eval fetch-data {data} --tasks arc_easy --overwrite` on a "
+                            "machine with network")
+    with pytest.raises(T.MissingTaskDataError):
+        T.check_available(["arc_easy"], data)  # the eval stage and `jp-peft eval` go through this check
+    manifest = json.loads((data / MANIFEST).read_text(encoding="utf-8"))
+    del manifest["files"]["arc_easy/test.jsonl"]  # a file the manifest does not list: the user's own, read as is
+    (data / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    assert suite_problems(spec) == []
+    (data / MANIFEST).write_text("{", encoding="utf-8")
+    assert [line.split(": ", 2)[2] for line in suite_problems(spec)] == [
+        f"{data / MANIFEST}: not JSON (Expecting property name enclosed in double quotes, line 1); move it away to "
+        "fetch again"] * 2
+
+
 def test_a_file_the_manifest_does_not_know_is_not_replaced(tmp_path, source, capsys):
     root, _ = source
     data = tmp_path / "lm-eval"

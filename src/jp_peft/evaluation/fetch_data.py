@@ -14,7 +14,6 @@ never replaced silently: one whose sha256 matches the manifest is kept, any othe
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -22,12 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jp_peft.evaluation.manifest import (MANIFEST, MANIFEST_FORMAT, ManifestError, read_manifest, recorded_sha256,
+                                         write_manifest)
 from jp_peft.resources import sha256_file
 from jp_peft.evaluation.tasks import (DATA_FORMATS, TaskSource, UnknownTaskError, _hub_dataset, needed_splits,
                                       resolve_tasks)
 
-MANIFEST = "MANIFEST.json"
-MANIFEST_FORMAT = 1
 # The production preset (recipes/configs/qwen25_500m_ja.yaml) owns which tasks run; its eval section is the default.
 PRODUCTION_PRESET = "qwen25_500m_ja"
 
@@ -54,25 +53,6 @@ def fetch_splits(source: TaskSource) -> dict[str, str]:
     """split -> what it is for: the evaluated split and, whatever the run's shot count, the few-shot pool
     (a later eval.num_fewshot must not need another fetch)."""
     return needed_splits(source.config, num_fewshot=max(1, source.config.get("num_fewshot") or 0))
-
-
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / MANIFEST
-    if not path.exists():
-        return {"format": MANIFEST_FORMAT, "files": {}}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FetchError(f"{path}: not JSON ({exc.msg}, line {exc.lineno}); move it away to fetch again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise FetchError(f"{path}: not a fetch-data manifest (no 'files' mapping); move it away to fetch again")
-    return manifest
-
-
-def _write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
-    tmp = data_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, data_dir / MANIFEST)
 
 
 def _local_dataset_dir(source_root: Path, config: dict[str, Any]) -> Path:
@@ -126,7 +106,7 @@ def plan_files(data_dir: Path, sources: Sequence[TaskSource], manifest: dict[str
             existing = [data_dir / source.name / f"{split}{ext}" for ext in DATA_FORMATS
                         if (data_dir / source.name / f"{split}{ext}").exists()]
             rel = f"{source.name}/{split}.jsonl"
-            recorded = (manifest["files"].get(rel) or {}).get("sha256")
+            recorded = recorded_sha256(manifest, rel)
             if existing == [data_dir / rel] and recorded and sha256_file(existing[0]) == recorded and not overwrite:
                 continue  # fetched before and unchanged
             if existing and not overwrite:
@@ -167,7 +147,7 @@ def fetch_task_data(data_dir: str | Path, tasks: Sequence[str], source_dir: str 
             rows = (_load_local(Path(origin), splits, source.name, Path(scratch)) if source_root
                     else _load_hub(source.config, splits))
             _write_splits(data_dir, source, splits, rows, hub, origin, manifest, log)
-    _write_manifest(data_dir, manifest)
+    write_manifest(data_dir, manifest)
     log(f"done: {len(manifest['files'])} files in {data_dir} ({MANIFEST}); pass eval.data_dir={data_dir.resolve()}")
     return manifest
 
@@ -183,7 +163,7 @@ def _write_splits(data_dir: Path, source: TaskSource, splits: Sequence[str], row
         entry = {"sha256": sha256_file(target), "bytes": target.stat().st_size, "rows": len(rows[split]),
                  "task": source.name, "split": split, "dataset": hub, "source": origin}
         manifest["files"][f"{source.name}/{split}.jsonl"] = entry
-        _write_manifest(data_dir, manifest)
+        write_manifest(data_dir, manifest)
         log(f"  wrote {target} ({entry['rows']} rows, sha256 {entry['sha256'][:12]})")
 
 
@@ -215,7 +195,7 @@ def main(argv: Sequence[str]) -> int:
     tasks = args.tasks.split(",") if args.tasks else production_tasks()
     try:
         fetch_task_data(args.data_dir, tasks, args.source_dir, overwrite=args.overwrite)
-    except FetchError as exc:
+    except (FetchError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from jp_peft.evaluation.manifest import ManifestError, changed_files
+
 BUNDLED_TASKS = ("jpeft_jcqa", "jpeft_jnli", "jpeft_marc", "jpeft_en_mc", "jpeft_ja_cont", "jpeft_en_cont")
 JA_LEADERBOARD_MC = ("ja_leaderboard_jcommonsenseqa", "ja_leaderboard_jnli", "ja_leaderboard_marc_ja",
                      "ja_leaderboard_xwinograd")
@@ -243,6 +245,13 @@ def _locate_data(source: TaskSource, data_dir: Path | None, num_fewshot: int | N
     formats = {DATA_FORMATS[p.suffix] for p in found.values()}
     if len(formats) > 1:
         return f"{source.name}: mixed file formats in {task_dir}/ ({', '.join(p.name for p in found.values())})", {}, False
+    try:
+        changed = changed_files(Path(data_dir), found.values())
+    except ManifestError as exc:
+        return f"{source.name}: {exc}", {}, False
+    if changed:  # fetched, then edited or replaced: its scores would not be the fetched data's
+        return (f"{source.name}: {'; '.join(changed)}: restore it, or fetch again with `jp-peft eval fetch-data "
+                f"{data_dir} --tasks {source.name} --overwrite` on a machine with network"), {}, False
     return None, found, False
 
 
