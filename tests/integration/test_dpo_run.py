@@ -222,3 +222,24 @@ def test_compare_shows_the_reward_accuracy_of_the_dpo_run(dpo_run, tmp_path):
     start = lines.index("## Runs (last stage against base)") + 2  # the runs table, after its heading and a blank
     header, _, dpo_row, smoke_row = lines[start:start + 4]
     assert "reward_acc" in header and " -> " in dpo_row and "n/a" in smoke_row.split("|")[-2]
+
+
+@pytest.mark.slow  # QLoRA under DPO: the sft model loaded in 4-bit, a second dpo run of the fixture's size
+def test_dpo_on_a_4bit_base_raises_reward_accuracy_and_exports_a_full_precision_merge(dpo_run, tmp_path):
+    out, _, _, _, pairs = dpo_run
+    spec = _spec(out.parent / "smoke", "dpo_nf4", tmp_path, pairs, "model.quantization=nf4")
+    _cli("stage", "dpo", "--spec", str(spec))
+    _cli("stage", "export", "--target", "dpo", "--spec", str(spec))
+    run = out.parent / "dpo_nf4" / "dpo"
+    metrics = json.loads((run / "metrics.json").read_text())
+    extra = metrics["extra"]
+    assert extra["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    print(f"DPO on nf4: reward accuracy {extra['reward_accuracy_before']} -> {extra['reward_accuracy_after']}, "
+          f"margin {extra['reward_margin_before']} -> {extra['reward_margin_after']}")
+    assert extra["reward_accuracy_before"] == 0.0 and extra["reward_accuracy_after"] > 0.0
+    checks = {c["check"]: c for c in json.loads((run / "export.json").read_text())["checks"]}
+    assert set(checks) == {"hf_merged_vs_trained_nf4", "peft_adapter_vs_hf_merged"}, checks
+    assert all(c["ok"] for c in checks.values()), checks
+    print("DPO nf4 parity:", {name: c["max_abs_diff"] for name, c in checks.items()})
+    merged = json.loads((run / "hf_merged" / "config.json").read_text())
+    assert "quantization_config" not in merged

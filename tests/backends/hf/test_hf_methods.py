@@ -122,3 +122,25 @@ def test_exports_follow_the_method_and_reproduce_the_trained_model(models, metho
         assert not config.get("modules_to_save")
     adapter = parity.peft_logits(tmp_path / "hf_adapter", ids)  # loadable by PEFT, on the base it names
     assert (adapter - trained).abs().max() < parity.FP32_ATOL
+
+
+def test_a_4bit_base_trains_after_an_evaluation_and_evaluates_as_it_trains(tiny_base):
+    """QLoRA on CPU: a validation (eval mode, no grad) and then a training step, as every stage runs them. On a
+    CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight for inference at the first eval forward;
+    the next training forward then failed in matmul_4bit's packed path ("a view of a leaf Variable that requires
+    grad is being used in an in-place operation"). The eval logits must also be the training kernel's."""
+    pytest.importorskip("bitsandbytes")
+    from jp_peft.spec import ModelSpec
+
+    torch.manual_seed(0)
+    model = hf_methods.build_model(str(tiny_base), "lora", LORA, model_spec=ModelSpec(quantization="nf4"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+    model.train()
+    trained = model(input_ids=ids, labels=ids)
+    trained.loss.backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_" in name and p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
+    assert torch.equal(evaluated, trained.logits.detach())  # dropout 0: one kernel for eval and training

@@ -60,7 +60,27 @@ def load_base(base_dir: str, dtype: torch.dtype = torch.float32, model_spec=None
                                 bnb_4bit_compute_dtype=compute_dtype(model_spec))
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, torch_dtype=dtype,
                                                 device_map={"": 0} if torch.cuda.is_available() else "cpu")
-    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return _one_cpu_kernel(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False))
+
+
+def _one_cpu_kernel(model):
+    """Keep every 4-bit layer on the kernel it trains with. On a CPU with AVX512-BF16, bitsandbytes 0.50's
+    `Linear4bit.forward` (bitsandbytes/nn/modules.py:613-620: `support_avx512bf16_for_cpu and not self.training`)
+    repacks the weight for inference at the first eval-mode forward, and never back: the next training step runs
+    `matmul_4bit`'s packed, inference-only path (autograd/_functions.py:422-426) and fails with "a view of a leaf
+    Variable that requires grad is being used in an in-place operation". Every stage validates before it trains,
+    so QLoRA on such a CPU failed at step 1. Turning the repacking off also keeps validation and the export's
+    parity figure on the training kernel. A GPU never takes that branch (it is for CPU inputs only)."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        if not hasattr(layer, "support_avx512bf16_for_cpu"):
+            raise RuntimeError(f"bitsandbytes {bnb.__version__}: Linear4bit has no support_avx512bf16_for_cpu; the "
+                               "CPU inference repacking jp_peft.backends.hf.methods._one_cpu_kernel turns off has "
+                               "changed: read bitsandbytes/nn/modules.py Linear4bit.forward again")
+        layer.support_avx512bf16_for_cpu = False
+    return model
 
 
 def quantization_record(model_spec) -> dict:
