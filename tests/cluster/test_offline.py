@@ -166,3 +166,46 @@ def test_the_shipped_container_profile_mounts_its_paths_at_their_own_path():
     assert profile.light_exclusive is False and profile.light_gpus == 1
     for host, inside in (m.split(":")[:2] for m in profile.container_mounts):
         assert host == inside or inside == profile.env["NEMO_HOME"], (host, inside)
+
+
+def test_a_setup_line_that_installs_at_job_start_is_refused_naming_it(tmp_path):
+    """Jobs never install: an installer in setup or container_setup (what h100_pyxis.yaml ran in every job before
+    its image was built once) is refused at plan time, naming the line; activating a built environment, or pip
+    from a local wheel folder only (--no-index), passes. The shipped profiles install nothing."""
+    from jp_peft.cluster.offline import install_problems
+
+    model = _model_dir(tmp_path)
+    old_pyxis = ('pip install -q -e /lustre/fsw/lab/jp-peft "torch==$(python -c "import torch; '
+                 'print(torch.__version__)")"')
+    profile = load_profile(str(_profile(tmp_path, container_mounts=[f"{tmp_path}:{tmp_path}", "/:/"],
+                                        container_setup=[old_pyxis], setup=["module load cuda", "uv pip install x"])))
+    problems = offline_problems(profile, _spec(tmp_path, f"model.name={model}"))
+    assert [p.split(" installs packages")[0] for p in problems] == [
+        f"{profile.path}: setup[1]: `uv pip install x`", f"{profile.path}: container_setup[0]: `{old_pyxis}`"]
+    assert problems[0].endswith("build the environment once, on a machine with network, where every node reads it "
+                                "(slurm/README.md: the environment, built once) and only activate it here")
+    fine = dataclasses.replace(profile, setup=("source /shared/venv/bin/activate",),
+                               container_setup=("pip install --no-index --find-links /shared/wheels jp-peft",))
+    assert install_problems(fine) == []
+    for name in ("h100_pyxis", "baremetal_venv", "local"):
+        assert install_problems(load_profile(name)) == [], name
+
+
+def test_a_container_run_on_megatron_needs_nemo_home_set(tmp_path):
+    """The import stage writes the NeMo checkpoint under NEMO_HOME and the trained stages' jobs read it there: in a
+    container its default (~/.cache/nemo inside it) is gone when the import job ends. The launcher passes the
+    backend's shared_env (Megatron: NEMO_HOME; hf: none)."""
+    from jp_peft.backends import backend_of
+
+    model = _model_dir(tmp_path)
+    profile = load_profile(str(_profile(tmp_path, container_mounts=[f"{tmp_path}:{tmp_path}", "/:/"],
+                                        env={"HF_HUB_OFFLINE": "1"})))
+    megatron = _spec(tmp_path, f"model.name={model}", "backend=megatron")
+    hf = _spec(tmp_path, f"model.name={model}", "backend=hf")
+    assert backend_of(megatron).shared_env == ("NEMO_HOME",) and backend_of(hf).shared_env == ()
+    assert offline_problems(profile, megatron, backend_of(megatron).shared_env) == [
+        f"{profile.path}: env.NEMO_HOME is not set: one job of this backend writes there and a later job reads it "
+        "(the default lies inside the container, gone when its job ends); set env.NEMO_HOME to a mount's container side"]
+    assert offline_problems(profile, hf, backend_of(hf).shared_env) == []
+    bare = dataclasses.replace(profile, container_image=None, container_mounts=())
+    assert offline_problems(bare, megatron, ("NEMO_HOME",)) == []  # bare metal: the nodes share the login's home

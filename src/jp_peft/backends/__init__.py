@@ -49,6 +49,9 @@ class Backend:
     """The protocol every backend implements (defaults: what a backend without NeMo recipes does)."""
 
     name: str = ""
+    # Environment variables naming a directory one job of this backend writes and a later job reads (Megatron:
+    # NEMO_HOME, the imported NeMo checkpoint): a container profile must set each to a mounted directory.
+    shared_env: tuple[str, ...] = ()
 
     def validate(self, spec: "ExperimentSpec") -> None:
         """Refuse, at plan time and naming the field, what this backend cannot run."""

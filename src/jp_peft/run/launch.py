@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from jp_peft.backends import backend_of
 from jp_peft.records import layout as rundir
 from jp_peft.run.plan import PlannedTask, add_tasks, executor_factory, new_experiment, plan, task_record
 from jp_peft.spec.stages import EVAL, TRAINED_STAGES as TRAINING, stage as stage_row
@@ -34,7 +35,7 @@ def launch(values: dict, overrides: list[str], sweep: list[str], stages: list[st
     if executor == "slurm":  # a hub model on offline nodes, paths outside the container's mounts
         from jp_peft.cluster.offline import check_offline
 
-        check_offline(profile, specs, dryrun)
+        check_offline(profile, specs, dryrun, shared_env_of=lambda spec: backend_of(spec).shared_env)
     restart = check_reuse(specs, overwrite)  # a different spec is refused before anything starts
     check_eval_tasks(specs, dryrun)
     print(f"experiment {first.group_name}: {len(tasks)} tasks on the {executor} executor ({first.backend} backend)")

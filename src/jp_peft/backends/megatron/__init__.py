@@ -28,6 +28,7 @@ def cpu_allowed(spec) -> bool:
 
 class MegatronBackend(Backend):
     name = "megatron"
+    shared_env = ("NEMO_HOME",)  # import_ckpt writes NEMO_HOME/models/<hub id>; cpt and sft restore from there
 
     def validate(self, spec) -> None:
         if spec.model.quantization is not None:
