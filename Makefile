@@ -1,10 +1,11 @@
 # The two commands of README.md:
 #   make smoke   set up .venv and run the main job on the embedded default (CPU, minutes)
 #   make test    set up .venv (and the local Slurm cluster) and run every test tier but `gpu` and `slow`
-# make test-all adds the `slow` tier (too long for CI's budget): run it before resolving an issue
+# make test-all adds the `slow` tier (too long for CI's budget; with the GGUF tests, after make deploy-tools):
+# run it before resolving an issue
 PY := .venv/bin/python
 
-.PHONY: setup smoke test test-all slurm-up slurm-down
+.PHONY: setup smoke test test-all slurm-up slurm-down deploy-tools
 
 setup:
 	bash scripts/setup.sh
@@ -22,5 +23,9 @@ slurm-down:
 test: setup slurm-up
 	$(PY) -m pytest -m "not gpu and not slow"
 
-test-all: setup slurm-up
+# llama.cpp's converters and llama-cpp-python, built once into ~/.cache/jp-peft (jp-peft export gguf; ~8 min first)
+deploy-tools: setup
+	bash scripts/deploy_tools.sh
+
+test-all: setup slurm-up deploy-tools
 	$(PY) -m pytest -m "not gpu"

@@ -37,6 +37,16 @@ def add_parsers(sub) -> None:
 
     for name in ("adapter", "nemo"):
         export.choices[name].set_defaults(handler=cmd_export)
+    gguf = export.add_parser("gguf", help="a finished stage's export -> GGUF for llama.cpp (merged model, and its "
+                             "lora adapter against a GGUF of its base), checked in llama-cpp-python against HF",
+                             description="Needs `make deploy-tools` once (llama.cpp's converters and "
+                             "llama-cpp-python, built into the cache). Writes RUN_DIR/STAGE/gguf/ and records the "
+                             "files and checks in RUN_DIR/STAGE/export.json.")
+    gguf.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (OUTPUT_DIR/NAME) whose STAGE was exported")
+    gguf.add_argument("--stage", required=True, help="the trained stage: cpt, sft or dpo")
+    gguf.add_argument("--type", default="f16", help="comma-separated GGUF types of the merged model: f16, q8_0 "
+                      "(default: %(default)s); the adapter is always f16")
+    gguf.set_defaults(handler=cmd_export_gguf)
 
     compare = sub.add_parser("compare", help="compare finished runs: Markdown/HTML table and PNG plots")
     compare.add_argument("runs", nargs="+", help="run directories (DIR/NAME)")
@@ -82,6 +92,12 @@ def cmd_export(args) -> int:
     from jp_peft.cli.export import run_export_command
 
     return run_export_command(args)
+
+
+def cmd_export_gguf(args) -> int:
+    from jp_peft.cli.export import run_gguf_command
+
+    return run_gguf_command(args)
 
 
 def cmd_compare(args) -> int:

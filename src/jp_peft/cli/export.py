@@ -1,4 +1,4 @@
-"""`jp-peft export adapter|nemo`."""
+"""`jp-peft export adapter|nemo|gguf`."""
 
 from __future__ import annotations
 
@@ -37,4 +37,35 @@ def run_export_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    return 0
+
+
+def run_gguf_command(args) -> int:
+    """Exit 2 naming the directory, stage or type before anything is written; 1 when a check fails."""
+    from pathlib import Path
+
+    from jp_peft.export.gguf import ConversionError, GGUFError, export_gguf
+    from jp_peft.export.parity import ParityError
+    from jp_peft.records.layout import MissingRecord, spec_file_of
+    from jp_peft.spec import SpecError, read_spec_file
+    from jp_peft.spec.stages import TRAIN, stage as stage_row
+
+    spec_path = spec_file_of(Path(args.run_dir))
+    if not spec_path.is_file():
+        print(f"error: RUN_DIR: {spec_path} not found (a run directory holds spec.json)", file=sys.stderr)
+        return 2
+    try:
+        spec = read_spec_file(spec_path)
+        if args.stage not in spec.trained_stages or stage_row(args.stage).kind != TRAIN:
+            raise SpecError(f"--stage: {args.stage} is not a trained stage of this run "
+                            f"({', '.join(spec.trained_stages)})")
+        gguf = export_gguf(spec, args.stage, tuple(t.strip() for t in args.type.split(",") if t.strip()))
+    except (GGUFError, MissingRecord, SpecError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ParityError, ConversionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, info in gguf["files"].items():
+        print(f"{name}: {info['path']}")
     return 0

@@ -2,8 +2,8 @@
 
 Per artifact (hf_adapter, hf_merged, nemo), one entry per target: `verified` with the parity numbers that
 show it (transformers + PEFT, NeMo: the export checks), `refused` with the reason (a `lora_embed` adapter in
-vLLM and llama.cpp), or `not verified here` with the command to try. Nothing in jp-peft runs vLLM or
-llama.cpp yet, so neither is ever `verified`. Pure: reads no model, imports no torch (the planner uses it).
+vLLM and llama.cpp), or `not verified here` with the command to try. llama.cpp becomes `verified` when
+`jp-peft export gguf` passed its checks (with_gguf); nothing in jp-peft runs vLLM yet, so it never is. Pure: reads no model, imports no torch (the planner uses it).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def adapter_targets(adapter_dir: str, adapter_base: str, adapter_config: dict[st
                            f"--max-lora-rank {needed}",
                 "note": f"vLLM's default --max-lora-rank is {VLLM_DEFAULT_MAX_LORA_RANK}"}
     return [vllm, {"target": LLAMA_CPP, "status": NOT_VERIFIED,
-                   "note": "a GGUF LoRA by llama.cpp's convert_lora_to_gguf.py; not built by jp-peft yet"}]
+                   "note": "a GGUF LoRA by llama.cpp's convert_lora_to_gguf.py: jp-peft export gguf RUN_DIR --stage STAGE"}]
 
 
 def deployability(record, name: str, adapter_config: dict[str, Any] | None = None) -> dict[str, list[dict]]:
@@ -94,10 +94,32 @@ def deployability(record, name: str, adapter_config: dict[str, Any] | None = Non
     out["hf_merged"] = [*([verified] if verified else []),
                         {"target": VLLM, "status": NOT_VERIFIED, "command": f"vllm serve {record.hf_merged}"},
                         {"target": LLAMA_CPP, "status": NOT_VERIFIED,
-                         "note": "GGUF by llama.cpp's convert_hf_to_gguf.py; not built by jp-peft yet"}]
+                         "note": "GGUF by llama.cpp's convert_hf_to_gguf.py: jp-peft export gguf RUN_DIR --stage STAGE"}]
     if record.nemo is not None:
         verified = _verified("nemo", record.checks)
         out["nemo"] = [verified] if verified else []
+    return out
+
+
+def with_gguf(deploy: dict[str, list[dict]], gguf: dict[str, Any]) -> dict[str, list[dict]]:
+    """The record's deployability once `jp-peft export gguf` passed: llama.cpp verified for hf_merged (through
+    gguf/model-<type>.gguf) and for a lora adapter (gguf/lora-f16.gguf on gguf/base-f16.gguf), with the checks;
+    a refusal (lora_embed) stays as it was."""
+    checks = {c["check"]: c for c in gguf["checks"]}
+    fields = CHECK_FIELDS + ("ppl_ratio", "f16_gap", "tokens_equal")
+
+    def entry(names: list[str], via: list[str]) -> dict[str, Any]:
+        return {"target": LLAMA_CPP, "status": VERIFIED, "via": via,
+                "checks": [{k: checks[n].get(k) for k in fields if k in checks[n]} for n in names]}
+
+    out = {artifact: [e for e in entries if not (e["target"] == LLAMA_CPP and e["status"] != REFUSED)]
+           for artifact, entries in deploy.items()}
+    models = [n for n in checks if n.startswith("gguf_") and n.endswith("_vs_hf_merged") and n != "gguf_lora_vs_hf_merged"]
+    out.setdefault("hf_merged", []).append(
+        entry(models, [f["path"] for name, f in gguf["files"].items() if name.startswith("model-")]))
+    if "gguf_lora_vs_hf_merged" in checks:
+        out.setdefault("hf_adapter", []).append(
+            entry(["gguf_lora_vs_hf_merged"], [gguf["files"]["lora-f16"]["path"], gguf["files"]["base-f16"]["path"]]))
     return out
 
 

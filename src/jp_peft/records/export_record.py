@@ -30,6 +30,9 @@ class ExportRecord:
     # Per artifact (hf_adapter, hf_merged, nemo): the targets it was verified on with the numbers, refused by
     # with the reason, or not verified here (jp_peft.export.deployability); {} in records of older exports.
     deployability: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # `jp-peft export gguf`: the GGUF files (path, bytes, sha256), their llama.cpp checks and, for a lora_embed
+    # adapter, why it was not converted (jp_peft.export.gguf); {} until it ran.
+    gguf: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,6 +16,7 @@
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/model.nemo         merged NeMo checkpoint, one file (Megatron backend)
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/trained_logits.pt  the trained model's logits on held-out ids (hf; export checks)
     OUTPUT_DIR/NAME/{cpt,sft,dpo}/export.json        the export record: artifacts and parity checks
+    OUTPUT_DIR/NAME/{cpt,sft,dpo}/gguf/              llama.cpp GGUF files (`jp-peft export gguf`)
     OUTPUT_DIR/NAME/eval/results.json                downstream task scores of base and every trained stage
     OUTPUT_DIR/NAME/eval/samples.jsonl               greedy answers of base and every trained stage
     OUTPUT_DIR/NAME/summary.json                     the table printed at the end
@@ -178,6 +179,11 @@ def nemo_merged(spec: ExperimentSpec, stage: str) -> Path:
 
 def nemo_archive(spec: ExperimentSpec, stage: str) -> Path:
     return stage_dir(spec, stage) / "model.nemo"
+
+
+def gguf_dir(spec: ExperimentSpec, stage: str) -> Path:
+    """`jp-peft export gguf`: model-<type>.gguf, and for a lora adapter base-f16.gguf + lora-f16.gguf."""
+    return stage_dir(spec, stage) / "gguf"
 
 
 def export_record(spec: ExperimentSpec, stage: str) -> Path:
