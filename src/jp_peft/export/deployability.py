@@ -3,7 +3,8 @@
 Per artifact (hf_adapter, hf_merged, nemo), one entry per target: `verified` with the parity numbers that
 show it (transformers + PEFT, NeMo: the export checks), `refused` with the reason (a `lora_embed` adapter in
 vLLM and llama.cpp), or `not verified here` with the command to try. llama.cpp becomes `verified` when
-`jp-peft export gguf` passed its checks (with_gguf); nothing in jp-peft runs vLLM yet, so it never is. Pure: reads no model, imports no torch (the planner uses it).
+`jp-peft export gguf` passed its checks (with_gguf), vLLM when `jp-peft serve --check` did (export/vllm_serve.py).
+Pure: reads no model, imports no torch (the planner uses it).
 """
 
 from __future__ import annotations
@@ -123,13 +124,30 @@ def with_gguf(deploy: dict[str, list[dict]], gguf: dict[str, Any]) -> dict[str, 
     return out
 
 
+def check_detail(check: dict[str, Any]) -> str:
+    """One check of a verified entry in words: a logit bound (exports, f16 GGUF), argmax and perplexity (q8_0
+    GGUF), or greedy tokens and logprobs (vLLM)."""
+    where = f"over {check.get('positions')} positions"
+    if "max_abs_logprob_diff" in check:
+        return (f"{check['check']}: greedy tokens {'equal' if check['greedy_equal'] else 'different'}, max abs "
+                f"logprob diff {check['max_abs_logprob_diff']:.2e} <= {check['atol']:.0e} {where}")
+    if check.get("ppl_ratio") is not None:
+        return (f"{check['check']}: argmax agreement {check['argmax_agreement']:.3f}, perplexity ratio "
+                f"{check['ppl_ratio']:.4f} {where}")
+    return (f"{check['check']}: max abs logit diff {check['max_abs_diff']:.2e} <= {check['atol']:.0e} {where}, "
+            f"argmax agreement {check['argmax_agreement']:.3f}")
+
+
 def summary_line(entries: list[dict[str, Any]]) -> str:
     """One line for `jp-peft status`: each target, its status and its number or reason, in short."""
     parts = []
     for entry in entries:
         text = f"{entry['target']} {entry['status']}"
         if entry["status"] == VERIFIED:
-            text += f" (max |logit diff| {max(c['max_abs_diff'] for c in entry['checks']):.1e})"
+            logits = [c["max_abs_diff"] for c in entry["checks"] if c.get("atol") is not None and "max_abs_diff" in c]
+            logprobs = [c["max_abs_logprob_diff"] for c in entry["checks"] if "max_abs_logprob_diff" in c]
+            text += (f" (max |logit diff| {max(logits):.1e})" if logits else
+                     f" (max |logprob diff| {max(logprobs):.1e})" if logprobs else "")
         elif entry["status"] == REFUSED:
             text += f" ({entry['reason'].split(': ', 1)[1].split(' (')[0]})"
         elif "max_lora_rank" in entry:

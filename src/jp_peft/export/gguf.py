@@ -214,5 +214,9 @@ def export_gguf(spec: ExperimentSpec, stage: str, types: tuple[str, ...] = ("f16
     gguf = {"llama_cpp_python": LLAMA_CPP_PYTHON, "checks": checks, "adapter_refused": refused,
             "files": {name: {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                       for name, p in files.items()}}
-    dataclasses.replace(record, gguf=gguf, deployability=with_gguf(record.deployability, gguf)).write(record_path)
+    from jp_peft.export.model_card import refresh_cards
+
+    record = dataclasses.replace(record, gguf=gguf, deployability=with_gguf(record.deployability, gguf))
+    refresh_cards(spec, stage, record)
+    record.write(record_path)
     return gguf

@@ -126,6 +126,13 @@ def card_data(spec: ExperimentSpec, stage: str, record: ExportRecord, artifact: 
         eval_results=evals or None)
 
 
+def refresh_cards(spec: ExperimentSpec, stage: str, record: ExportRecord) -> list[Path]:
+    """The cards again after a later check added a verified target (`jp-peft export gguf`, `jp-peft serve
+    --check`), keeping the scores of the run's eval stage where it has run (it deletes an earlier spec's first)."""
+    results = rundir.eval_results(spec)
+    return write_cards(spec, stage, record, rundir.read_json(results, "model cards") if results.exists() else None)
+
+
 def write_cards(spec: ExperimentSpec, stage: str, record: ExportRecord,
                 results: dict[str, Any] | None = None) -> list[Path]:
     """README.md in each Hugging Face artifact of the stage's export, with `results` (eval/results.json as the
@@ -282,17 +289,16 @@ def _deployment(record: ExportRecord, artifact: str, path: str) -> list[str]:
     rows = []
     for e in entries:
         if e["status"] == deploy.VERIFIED:
-            detail = "; ".join(f"{c['check']}: max abs logit diff {c['max_abs_diff']:.2e} <= {c['atol']:.0e} over "
-                               f"{c['positions']} positions, argmax agreement {c['argmax_agreement']:.3f}"
-                               for c in e["checks"])
+            detail = "; ".join(deploy.check_detail(c) for c in e["checks"])
         elif e["status"] == deploy.REFUSED:
             detail = e["reason"]
         else:
             detail = "; ".join(x for x in (f"`{e['command']}`" if "command" in e else "", e.get("note", "")) if x)
         rows.append((e["target"], e["status"], detail))
     lines = ["## Deployment", "",
-             "Verified means jp-peft's export checks ran that target on this artifact; vLLM and llama.cpp are not "
-             "run by jp-peft yet (not verified here).", "", *_table(("target", "status", "detail"), rows), ""]
+             "Verified means jp-peft ran that target on this artifact and checked it against the trained model "
+             "(the export; llama.cpp: `jp-peft export gguf`; vLLM: `jp-peft serve --check`); not verified here: "
+             "not run by jp-peft for this artifact yet.", "", *_table(("target", "status", "detail"), rows), ""]
     vllm = next((e for e in entries if e["target"] == deploy.VLLM), None)
     if artifact == "hf_adapter" and vllm is not None and vllm["status"] == deploy.REFUSED:
         merged = record.hf_merged
