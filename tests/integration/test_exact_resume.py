@@ -44,6 +44,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from jp_peft.cli import main
 
 stop_step, signum = int(os.environ["JP_PEFT_TEST_STOP_STEP"]), int(os.environ["JP_PEFT_TEST_STOP_SIGNAL"])
+# Ctrl-C as a terminal's foreground job gets it: a job a shell started in the background inherits SIGINT
+# ignored, and Python keeps an ignored SIGINT ignored (the stage would train on)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 on_train_batch_end = ModelCheckpoint.on_train_batch_end
 
 def then_stop(self, trainer, *args, **kwargs):

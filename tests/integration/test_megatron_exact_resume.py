@@ -38,6 +38,9 @@ from nemo.lightning.pytorch.callbacks.model_checkpoint import ModelCheckpoint
 from jp_peft.cli import main
 
 stop_step, signum = int(os.environ["JP_PEFT_TEST_STOP_STEP"]), int(os.environ["JP_PEFT_TEST_STOP_SIGNAL"])
+# Ctrl-C as a terminal's foreground job gets it: a job a shell started in the background inherits SIGINT
+# ignored, and Python keeps an ignored SIGINT ignored (the stage would train on)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 save_checkpoint = ModelCheckpoint._save_checkpoint
 
 def then_stop(self, trainer, filepath, *args, **kwargs):
