@@ -44,7 +44,7 @@ if [ ! -f "$DIR/llama.cpp/convert_hf_to_gguf.py" ]; then
 fi
 
 if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-  echo "deploy-tools: building llama-cpp-python $VERSION for this CPU (about 8 minutes on 2 cores; log: $DIR/build.log)"
+  echo "deploy-tools: building llama-cpp-python $VERSION for this CPU (about 5 minutes on 2 cores; log: $DIR/build.log)"
   started=$(date +%s)
   CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \

@@ -81,7 +81,8 @@ def test_sft_exports_gguf_model_and_lora_that_llama_cpp_runs_like_hf(smoke_run):
     assert [e["status"] for e in llama["hf_adapter"]] == ["verified"]
     assert llama["hf_adapter"][0]["via"] == [gguf["files"]["lora-f16"]["path"], gguf["files"]["base-f16"]["path"]]
     # the check bites: the base GGUF without the LoRA is far outside the bound the adapter met
-    from jp_peft.export.gguf import hf_logits, llama_logits, prompt_ids
+    from jp_peft.export.gguf import hf_logits, llama_logits
+    from jp_peft.export.parity import prompt_ids
 
     texts, ids = prompt_ids(run_dir / "sft" / "hf_merged")
     bare, _ = llama_logits(Path(gguf["files"]["base-f16"]["path"]), ids)

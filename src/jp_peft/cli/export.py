@@ -42,23 +42,14 @@ def run_export_command(args) -> int:
 
 def run_gguf_command(args) -> int:
     """Exit 2 naming the directory, stage or type before anything is written; 1 when a check fails."""
-    from pathlib import Path
-
+    from jp_peft.cli.finished_run import stage_spec
     from jp_peft.export.gguf import ConversionError, GGUFError, export_gguf
     from jp_peft.export.parity import ParityError
-    from jp_peft.records.layout import MissingRecord, spec_file_of
-    from jp_peft.spec import SpecError, read_spec_file
-    from jp_peft.spec.stages import TRAIN, stage as stage_row
+    from jp_peft.records.layout import MissingRecord
+    from jp_peft.spec import SpecError
 
-    spec_path = spec_file_of(Path(args.run_dir))
-    if not spec_path.is_file():
-        print(f"error: RUN_DIR: {spec_path} not found (a run directory holds spec.json)", file=sys.stderr)
-        return 2
     try:
-        spec = read_spec_file(spec_path)
-        if args.stage not in spec.trained_stages or stage_row(args.stage).kind != TRAIN:
-            raise SpecError(f"--stage: {args.stage} is not a trained stage of this run "
-                            f"({', '.join(spec.trained_stages)})")
+        spec = stage_spec(args.run_dir, args.stage)
         gguf = export_gguf(spec, args.stage, tuple(t.strip() for t in args.type.split(",") if t.strip()))
     except (GGUFError, MissingRecord, SpecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

